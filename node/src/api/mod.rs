@@ -1,0 +1,486 @@
+//! `NodeApi`: the request handlers as plain async functions, shared by gRPC, HTTP and the
+//! simulator.
+//!
+//! Owns: input validation (nothing reaches raft unchecked), collection resolution, routing a
+//! key to its shard, the read paths per consistency level, session tokens and request units.
+//! tonic (`grpc.rs`) and axum (`http.rs`) only translate to and from these types.
+//!
+//! Invariants:
+//! - every write is validated before it is proposed, and re-checked by apply (patches);
+//! - a STRONG read returns state at least as new as every write acknowledged before it
+//!   started: the group leader confirms leadership (batched read index) and the serving
+//!   replica waits until it applied that position;
+//! - an EVENTUAL read returns this replica's applied state, no waiting.
+
+pub mod error;
+pub mod grpc;
+pub mod http;
+
+pub use error::ApiError;
+
+use crate::catalog::{CatalogCommand, CatalogReader, CatalogResponse, CollectionInfo, NodeInfo, ShardDesc};
+use crate::docs::{self, limits, DocAction, DocBatch, DocOp, DocWriteResult, Limits, StoredDoc};
+use crate::keys;
+use crate::load::RateMeter;
+use crate::metrics::Metrics;
+use crate::raft::host::RaftHost;
+use crate::raft::types::{Command, CommandResponse, GroupId, NodeId};
+use crate::storage::engine::in_range;
+use crate::storage::Cf;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How fresh a read must be.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub enum ReadConsistency {
+    #[default]
+    Strong,
+    BoundedStaleness {
+        max_staleness_ms: u64,
+    },
+    Session {
+        token: String,
+    },
+    Eventual,
+}
+
+/// A stored document as returned to users.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DocView {
+    pub collection: String,
+    pub id: String,
+    pub version: u64,
+    pub json: String,
+}
+
+/// What every response carries besides its payload.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct ResponseMeta {
+    /// `group:index`, the position this response reflects (pass it on for session reads).
+    pub session_token: String,
+    pub request_units: f64,
+    pub served_by: NodeId,
+    /// The group leader as this node knows it.
+    pub leader: Option<(NodeId, String)>,
+}
+
+/// One write of a batch, as received (validated by `NodeApi`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WriteRequest {
+    pub collection: String,
+    pub id: String,
+    pub action: DocAction,
+}
+
+/// Node and shard view for `ClusterStatus` and `/v1/cluster`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClusterStatus {
+    pub answered_by: NodeId,
+    pub meta_leader: Option<NodeId>,
+    pub nodes: Vec<(NodeInfo, &'static str)>,
+    pub shards: Vec<ShardStatus>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ShardStatus {
+    pub desc: ShardDesc,
+    pub leader: Option<NodeId>,
+    pub state: &'static str,
+    pub qps: f64,
+    pub applied_index: u64,
+}
+
+/// Request units: 1 per KiB read, 5 per KiB written (at least one KiB per document).
+pub fn read_units(bytes: usize) -> f64 {
+    bytes.div_ceil(1024).max(1) as f64
+}
+pub fn write_units(bytes: usize) -> f64 {
+    5.0 * bytes.div_ceil(1024).max(1) as f64
+}
+
+/// The node's request handlers.
+pub struct NodeApi {
+    pub node_id: NodeId,
+    pub limits: Limits,
+    host: Arc<RaftHost>,
+    catalog: CatalogReader,
+    pub metrics: Arc<Metrics>,
+    load: Mutex<BTreeMap<GroupId, RateMeter>>,
+}
+
+fn tenant_or_default(t: &str) -> &str {
+    if t.is_empty() {
+        docs::DEFAULT_TENANT
+    } else {
+        t
+    }
+}
+
+impl NodeApi {
+    pub fn new(node_id: NodeId, limits: Limits, host: Arc<RaftHost>, metrics: Arc<Metrics>) -> Self {
+        let catalog = CatalogReader::new(host.engine().clone());
+        Self { node_id, limits, host, catalog, metrics, load: Mutex::new(BTreeMap::new()) }
+    }
+
+    pub fn host(&self) -> &Arc<RaftHost> {
+        &self.host
+    }
+
+    pub fn catalog(&self) -> &CatalogReader {
+        &self.catalog
+    }
+
+    fn record_load(&self, group: GroupId) {
+        if let Ok(mut l) = self.load.lock() {
+            l.entry(group).or_default().record(tokio::time::Instant::now());
+        }
+    }
+
+    /// The shard owning `key`, from this node's replica of the shard map.
+    fn route(&self, key: &[u8]) -> Result<GroupId, ApiError> {
+        let shards = self.catalog.shards()?;
+        shards.iter().find(|s| in_range(key, &s.start, &s.end)).map(|s| s.id).ok_or_else(|| ApiError::Unavailable {
+            message: "the shard map is not known on this node yet (cluster still starting)".into(),
+            retry_safe: true,
+        })
+    }
+
+    fn meta_for(&self, group: GroupId, index: u64, units: f64) -> ResponseMeta {
+        let leader = self.host.group(group).and_then(|g| g.leader());
+        ResponseMeta {
+            session_token: format!("{group}:{index}"),
+            request_units: units,
+            served_by: self.node_id,
+            leader,
+        }
+    }
+
+    fn check_tenant_collection(&self, tenant: &str, collection: &str) -> Result<(), ApiError> {
+        limits::check_name("tenant", tenant, &self.limits)?;
+        limits::check_name("collection", collection, &self.limits)?;
+        Ok(())
+    }
+
+    /// Resolves a collection for a read; unknown ones are an error (checked against the
+    /// meta leader for strong reads, so a just-created collection is found).
+    async fn require_collection(&self, tenant: &str, collection: &str, strong: bool) -> Result<(), ApiError> {
+        if self.catalog.collection(tenant, collection)?.is_some() {
+            return Ok(());
+        }
+        if strong {
+            self.host.linearizable_position(keys::META_GROUP).await?;
+            if self.catalog.collection(tenant, collection)?.is_some() {
+                return Ok(());
+            }
+        }
+        Err(ApiError::NotFound {
+            code: "collection_not_found",
+            message: format!("collection {collection:?} of tenant {tenant:?} does not exist"),
+        })
+    }
+
+    /// Ensures a collection exists for a write, creating it on first use.
+    async fn ensure_collection(&self, tenant: &str, collection: &str) -> Result<(), ApiError> {
+        if self.catalog.collection(tenant, collection)?.is_some() {
+            return Ok(());
+        }
+        self.create_collection(tenant, collection).await.map(|_| ())
+    }
+
+    /// Reads the position a read must reflect, per consistency level.
+    async fn read_position(&self, group: GroupId, consistency: &ReadConsistency) -> Result<u64, ApiError> {
+        match consistency {
+            ReadConsistency::Strong => Ok(self.host.linearizable_position(group).await?),
+            ReadConsistency::Eventual => Ok(self.host.group(group).map(|g| g.applied_index()).unwrap_or(0)),
+            ReadConsistency::BoundedStaleness { .. } | ReadConsistency::Session { .. } => Err(ApiError::invalid(
+                "unsupported_consistency",
+                "BOUNDED_STALENESS and SESSION reads are not available yet; use STRONG or EVENTUAL",
+            )),
+        }
+    }
+
+    fn read_doc(&self, tenant: &str, collection: &str, id: &str) -> Result<Option<DocView>, ApiError> {
+        let key = keys::doc_key(tenant, collection, id);
+        match self.host.engine().get(Cf::Data, &key)? {
+            None => Ok(None),
+            Some(v) => {
+                let d = StoredDoc::decode(&v).ok_or_else(|| ApiError::Internal {
+                    message: format!("stored document {collection}/{id} is corrupt"),
+                })?;
+                Ok(Some(DocView { collection: collection.into(), id: id.into(), version: d.version, json: d.json }))
+            }
+        }
+    }
+
+    /// Reads one document.
+    pub async fn get(
+        &self,
+        tenant: &str,
+        collection: &str,
+        id: &str,
+        consistency: &ReadConsistency,
+    ) -> Result<(DocView, ResponseMeta), ApiError> {
+        let tenant = tenant_or_default(tenant);
+        self.check_tenant_collection(tenant, collection)?;
+        limits::check_id(id, &self.limits)?;
+        let strong = *consistency == ReadConsistency::Strong;
+        self.require_collection(tenant, collection, strong).await?;
+        let group = self.route(&keys::doc_key(tenant, collection, id))?;
+        self.record_load(group);
+        let position = self.read_position(group, consistency).await?;
+        match self.read_doc(tenant, collection, id)? {
+            Some(doc) => {
+                let units = read_units(doc.json.len());
+                Ok((doc, self.meta_for(group, position, units)))
+            }
+            None => {
+                Err(ApiError::NotFound { code: "not_found", message: format!("document {collection}/{id} not found") })
+            }
+        }
+    }
+
+    /// Reads many documents of one collection; absent ones are `None`, in request order.
+    pub async fn batch_get(
+        &self,
+        tenant: &str,
+        collection: &str,
+        ids: &[String],
+        consistency: &ReadConsistency,
+    ) -> Result<(Vec<(String, Option<DocView>)>, ResponseMeta), ApiError> {
+        let tenant = tenant_or_default(tenant);
+        self.check_tenant_collection(tenant, collection)?;
+        if ids.len() > self.limits.batch_ops_max {
+            return Err(ApiError::invalid(
+                "invalid_batch",
+                format!("{} ids requested, the limit is {}", ids.len(), self.limits.batch_ops_max),
+            ));
+        }
+        for id in ids {
+            limits::check_id(id, &self.limits)?;
+        }
+        let strong = *consistency == ReadConsistency::Strong;
+        self.require_collection(tenant, collection, strong).await?;
+        // Group ids by shard and take one read position per shard.
+        let mut positions: BTreeMap<GroupId, u64> = BTreeMap::new();
+        for id in ids {
+            let g = self.route(&keys::doc_key(tenant, collection, id))?;
+            if !positions.contains_key(&g) {
+                self.record_load(g);
+                let p = self.read_position(g, consistency).await?;
+                positions.insert(g, p);
+            }
+        }
+        let mut out = Vec::with_capacity(ids.len());
+        let mut bytes = 0;
+        for id in ids {
+            let d = self.read_doc(tenant, collection, id)?;
+            bytes += d.as_ref().map(|d| d.json.len()).unwrap_or(0);
+            out.push((id.clone(), d));
+        }
+        let (group, position) = positions.iter().next().map(|(g, p)| (*g, *p)).unwrap_or((keys::FIRST_SHARD, 0));
+        Ok((out, self.meta_for(group, position, read_units(bytes))))
+    }
+
+    /// Validates one write and returns it with canonical JSON text.
+    fn validate_write(&self, tenant: &str, w: WriteRequest) -> Result<DocOp, ApiError> {
+        self.check_tenant_collection(tenant, &w.collection)?;
+        limits::check_id(&w.id, &self.limits)?;
+        let canonical = |json: &str| -> Result<String, ApiError> { Ok(limits::parse_document(json, &self.limits)?.1) };
+        let action = match w.action {
+            DocAction::Put { json, expected } => DocAction::Put { json: canonical(&json)?, expected },
+            DocAction::Create { json } => DocAction::Create { json: canonical(&json)? },
+            DocAction::Replace { json, expected } => DocAction::Replace { json: canonical(&json)?, expected },
+            DocAction::MergePatch { patch, expected } => {
+                let v = limits::parse_patch(&patch, &self.limits)?;
+                DocAction::MergePatch { patch: v.to_string(), expected }
+            }
+            DocAction::JsonPatch { patch, expected } => {
+                let v = limits::parse_patch(&patch, &self.limits)?;
+                if serde_json::from_value::<json_patch::Patch>(v.clone()).is_err() {
+                    return Err(ApiError::invalid(
+                        "invalid_patch",
+                        "a JSON patch must be an array of RFC 6902 operations ({\"op\", \"path\", ...})",
+                    ));
+                }
+                DocAction::JsonPatch { patch: v.to_string(), expected }
+            }
+            DocAction::Delete { expected } => DocAction::Delete { expected },
+        };
+        Ok(DocOp { collection: w.collection, id: w.id, action })
+    }
+
+    /// Applies writes atomically (all in one shard). Returns one result per write.
+    pub async fn write(
+        &self,
+        tenant: &str,
+        writes: Vec<WriteRequest>,
+    ) -> Result<(Vec<DocWriteResult>, ResponseMeta), ApiError> {
+        let tenant = tenant_or_default(tenant).to_string();
+        if writes.is_empty() {
+            return Err(ApiError::invalid("invalid_batch", "a batch needs at least one operation"));
+        }
+        if writes.len() > self.limits.batch_ops_max {
+            return Err(ApiError::invalid(
+                "invalid_batch",
+                format!("{} operations, the limit is {}", writes.len(), self.limits.batch_ops_max),
+            ));
+        }
+        let mut ops = Vec::with_capacity(writes.len());
+        let mut bytes = 0usize;
+        let many = writes.len() > 1;
+        for (i, w) in writes.into_iter().enumerate() {
+            let op = self.validate_write(&tenant, w).map_err(|e| if many { prefix_batch_error(e, i) } else { e })?;
+            bytes += match &op.action {
+                DocAction::Put { json, .. } | DocAction::Create { json } | DocAction::Replace { json, .. } => {
+                    json.len()
+                }
+                DocAction::MergePatch { patch, .. } | DocAction::JsonPatch { patch, .. } => patch.len(),
+                DocAction::Delete { .. } => 0,
+            };
+            ops.push(op);
+        }
+        let mut group = None;
+        for op in &ops {
+            let g = self.route(&keys::doc_key(&tenant, &op.collection, &op.id))?;
+            if group.is_some_and(|prev| prev != g) {
+                return Err(ApiError::invalid("invalid_batch", "an atomic batch must stay within one shard"));
+            }
+            group = Some(g);
+        }
+        let group = group.unwrap_or(keys::FIRST_SHARD);
+        let collections: std::collections::BTreeSet<&str> = ops.iter().map(|o| o.collection.as_str()).collect();
+        for c in collections {
+            self.ensure_collection(&tenant, c).await?;
+        }
+        self.record_load(group);
+        let batch = DocBatch { tenant, ops, limits: self.limits };
+        let (index, resp) = self.host.propose(group, Command::Docs(batch)).await?;
+        match resp {
+            CommandResponse::Docs(Ok(results)) => {
+                let units = write_units(bytes);
+                Ok((results, self.meta_for(group, index, units)))
+            }
+            CommandResponse::Docs(Err(e)) => {
+                let api = ApiError::from(e.error.clone());
+                Err(if many { prefix_batch_error(api, e.op_index) } else { api })
+            }
+            CommandResponse::WrongGroup(m) => {
+                Err(ApiError::Unavailable { message: format!("shard map changed: {m}"), retry_safe: true })
+            }
+            other => Err(ApiError::Internal { message: format!("unexpected apply result {other:?}") }),
+        }
+    }
+
+    async fn propose_catalog(&self, cmd: CatalogCommand) -> Result<CatalogResponse, ApiError> {
+        match self.host.propose(keys::META_GROUP, Command::Catalog(cmd)).await? {
+            (_, CommandResponse::Catalog(r)) => Ok(r),
+            (_, other) => Err(ApiError::Internal { message: format!("unexpected catalog result {other:?}") }),
+        }
+    }
+
+    pub async fn create_collection(&self, tenant: &str, name: &str) -> Result<(CollectionInfo, bool), ApiError> {
+        let tenant = tenant_or_default(tenant);
+        self.check_tenant_collection(tenant, name)?;
+        match self
+            .propose_catalog(CatalogCommand::CreateCollection { tenant: tenant.into(), name: name.into() })
+            .await?
+        {
+            CatalogResponse::Collection { info, created } => Ok((info, created)),
+            other => Err(ApiError::Internal { message: format!("unexpected catalog result {other:?}") }),
+        }
+    }
+
+    pub async fn list_collections(&self, tenant: &str) -> Result<Vec<CollectionInfo>, ApiError> {
+        let tenant = tenant_or_default(tenant);
+        limits::check_name("tenant", tenant, &self.limits)?;
+        self.host.linearizable_position(keys::META_GROUP).await?;
+        Ok(self.catalog.collections(Some(tenant))?)
+    }
+
+    /// Drops a collection and deletes its documents on every shard.
+    pub async fn drop_collection(&self, tenant: &str, name: &str) -> Result<bool, ApiError> {
+        let tenant = tenant_or_default(tenant);
+        self.check_tenant_collection(tenant, name)?;
+        let existed = match self
+            .propose_catalog(CatalogCommand::DropCollection { tenant: tenant.into(), name: name.into() })
+            .await?
+        {
+            CatalogResponse::CollectionDropped { existed } => existed,
+            other => return Err(ApiError::Internal { message: format!("unexpected catalog result {other:?}") }),
+        };
+        for shard in self.catalog.shards()? {
+            let cmd = Command::DropCollectionData { tenant: tenant.into(), collection: name.into() };
+            self.host.propose(shard.id, cmd).await?;
+        }
+        Ok(existed)
+    }
+
+    /// Nodes and shards as this node sees them.
+    pub fn cluster_status(&self) -> Result<ClusterStatus, ApiError> {
+        let nodes = self
+            .catalog
+            .nodes()?
+            .into_iter()
+            .map(|n| {
+                let state = if n.id == self.node_id { "up" } else { "member" };
+                (n, state)
+            })
+            .collect();
+        let now = tokio::time::Instant::now();
+        let shards = self
+            .catalog
+            .shards()?
+            .into_iter()
+            .map(|desc| {
+                let g = self.host.group(desc.id);
+                let qps = self
+                    .load
+                    .lock()
+                    .ok()
+                    .and_then(|mut l| l.get_mut(&desc.id).map(|m| m.rate_per_s(now)))
+                    .unwrap_or(0.0);
+                ShardStatus {
+                    leader: g.as_ref().and_then(|g| g.leader()).map(|l| l.0),
+                    applied_index: g.as_ref().map(|g| g.applied_index()).unwrap_or(0),
+                    state: "active",
+                    qps,
+                    desc,
+                }
+            })
+            .collect();
+        let meta_leader = self.host.group(keys::META_GROUP).and_then(|g| g.leader()).map(|l| l.0);
+        Ok(ClusterStatus { answered_by: self.node_id, meta_leader, nodes, shards })
+    }
+
+    /// True once this node can serve: its meta replica knows the shard map and every shard
+    /// group hosted here has a leader.
+    pub fn is_ready(&self) -> bool {
+        let Ok(shards) = self.catalog.shards() else { return false };
+        !shards.is_empty()
+            && shards.iter().all(|s| self.host.group(s.id).is_some_and(|g| g.leader().is_some()))
+            && self.host.group(keys::META_GROUP).is_some_and(|g| g.leader().is_some())
+    }
+
+    /// Bound on how long a request handler may run in total.
+    pub fn request_timeout(&self) -> Duration {
+        self.host.config.request_timeout
+    }
+}
+
+fn prefix_batch_error(e: ApiError, index: usize) -> ApiError {
+    let p = |m: String| format!("operation {index}: {m}");
+    match e {
+        ApiError::InvalidArgument { code, message } => ApiError::InvalidArgument { code, message: p(message) },
+        ApiError::TooLarge { message } => ApiError::TooLarge { message: p(message) },
+        ApiError::NotFound { code, message } => ApiError::NotFound { code, message: p(message) },
+        ApiError::AlreadyExists { message, current_version } => {
+            ApiError::AlreadyExists { message: p(message), current_version }
+        }
+        ApiError::VersionMismatch { message, current_version } => {
+            ApiError::VersionMismatch { message: p(message), current_version }
+        }
+        ApiError::PreconditionFailed { code, message } => ApiError::PreconditionFailed { code, message: p(message) },
+        other => other,
+    }
+}

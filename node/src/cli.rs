@@ -1,0 +1,315 @@
+//! The `floe` command line: `dev`, `start` and `doc`. Every flag is also an `FLOE_*`
+//! environment variable. Binary-only code: errors are `anyhow`.
+
+use crate::docs::Limits;
+use crate::server::{self, NodeConfig, RunningNode};
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use floe_proto::v1 as pb;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "floe", version, about = "Floe: a Raft-replicated, serverless JSON document store")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Commands,
+    /// Log format.
+    #[arg(long, global = true, env = "FLOE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info,floe_node=debug`).
+    #[arg(long, global = true, env = "FLOE_LOG", default_value = "info,openraft=warn")]
+    pub log: String,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Commands {
+    /// Start a local cluster in this process on the embedded default (one node unless --nodes).
+    Dev(DevArgs),
+    /// Start one node of a real cluster.
+    Start(StartArgs),
+    /// Read and write documents from the shell.
+    #[command(subcommand)]
+    Doc(DocCommand),
+}
+
+#[derive(Args, Debug)]
+pub struct DevArgs {
+    /// Number of nodes (node k of N listens on 7700+10k / 7701+10k).
+    #[arg(long, env = "FLOE_NODES", default_value_t = 1)]
+    pub nodes: u64,
+    /// Data directory (one subdirectory per node).
+    #[arg(long, env = "FLOE_DATA", default_value = "./floe-data")]
+    pub data: PathBuf,
+    /// gRPC port of the first node.
+    #[arg(long, env = "FLOE_GRPC_PORT", default_value_t = 7700)]
+    pub grpc_port: u16,
+    /// HTTP port of the first node (default: gRPC port + 1).
+    #[arg(long, env = "FLOE_HTTP_PORT")]
+    pub http_port: Option<u16>,
+}
+
+#[derive(Args, Debug)]
+pub struct StartArgs {
+    /// This node's id (>= 1, never reused for another machine).
+    #[arg(long, env = "FLOE_NODE_ID")]
+    pub node_id: u64,
+    /// gRPC listen and advertise address (host:port).
+    #[arg(long, env = "FLOE_GRPC_ADDR")]
+    pub grpc_addr: String,
+    /// HTTP gateway listen address (host:port).
+    #[arg(long, env = "FLOE_HTTP_ADDR")]
+    pub http_addr: String,
+    /// Data directory of this node.
+    #[arg(long, env = "FLOE_DATA_DIR")]
+    pub data_dir: PathBuf,
+    /// All initial members as `id=host:port,...` (gRPC addresses), the same on every node.
+    #[arg(long, env = "FLOE_INITIAL_CLUSTER")]
+    pub initial_cluster: String,
+    /// Cluster name; nodes refuse raft messages from another cluster.
+    #[arg(long, env = "FLOE_CLUSTER_ID", default_value = "floe")]
+    pub cluster_id: String,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DocCommand {
+    /// Print a document.
+    Get {
+        #[command(flatten)]
+        target: DocTarget,
+        /// strong or eventual.
+        #[arg(long, default_value = "strong")]
+        consistency: String,
+    },
+    /// Upsert a document (JSON object).
+    Put {
+        #[command(flatten)]
+        target: DocTarget,
+        json: String,
+        /// Only replace this stored version.
+        #[arg(long)]
+        if_version: Option<u64>,
+    },
+    /// Apply an RFC 7396 merge patch (or an RFC 6902 JSON patch with --json-patch).
+    Patch {
+        #[command(flatten)]
+        target: DocTarget,
+        patch: String,
+        #[arg(long)]
+        json_patch: bool,
+        #[arg(long)]
+        if_version: Option<u64>,
+    },
+    /// Delete a document.
+    Delete {
+        #[command(flatten)]
+        target: DocTarget,
+        #[arg(long)]
+        if_version: Option<u64>,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct DocTarget {
+    /// gRPC endpoint of any node.
+    #[arg(long, env = "FLOE_ENDPOINT", default_value = "127.0.0.1:7700")]
+    pub endpoint: String,
+    #[arg(long, env = "FLOE_TENANT", default_value = "")]
+    pub tenant: String,
+    pub collection: String,
+    pub id: String,
+}
+
+/// Parses `1=host:port,2=host:port`.
+pub fn parse_initial_cluster(s: &str) -> Result<BTreeMap<u64, String>> {
+    let mut out = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part.split_once('=').ok_or_else(|| anyhow!("{part:?} is not id=host:port"))?;
+        let id: u64 = id.trim().parse().with_context(|| format!("node id in {part:?}"))?;
+        if out.insert(id, addr.trim().to_string()).is_some() {
+            bail!("node id {id} listed twice in --initial-cluster");
+        }
+    }
+    if out.is_empty() {
+        bail!("--initial-cluster is empty");
+    }
+    Ok(out)
+}
+
+/// Config of node `k` (1-based) of a `floe dev` cluster of `n` nodes.
+pub fn dev_node_config(args: &DevArgs, k: u64) -> NodeConfig {
+    let offset = 10 * (k - 1) as u16;
+    let grpc = |i: u64| format!("127.0.0.1:{}", args.grpc_port + 10 * (i - 1) as u16);
+    let http_base = args.http_port.unwrap_or(args.grpc_port + 1);
+    NodeConfig {
+        node_id: k,
+        grpc_addr: grpc(k),
+        http_addr: format!("127.0.0.1:{}", http_base + offset),
+        data_dir: args.data.join(format!("node-{k}")),
+        initial_cluster: (1..=args.nodes).map(|i| (i, grpc(i))).collect(),
+        cluster_id: "floe-dev".into(),
+        limits: Limits::default(),
+    }
+}
+
+pub async fn run_dev(args: DevArgs) -> Result<()> {
+    if args.nodes == 0 || args.nodes > 9 {
+        bail!("--nodes must be between 1 and 9");
+    }
+    let mut nodes: Vec<RunningNode> = Vec::new();
+    for k in 1..=args.nodes {
+        let cfg = dev_node_config(&args, k);
+        let node = server::start(cfg).await.with_context(|| format!("starting dev node {k}"))?;
+        println!("floe dev: node {k} gRPC http://{}  HTTP http://{}", node.grpc_addr, node.http_addr);
+        nodes.push(node);
+    }
+    println!("floe dev: data in {}; try:", args.data.display());
+    if let Some(n) = nodes.first() {
+        println!("  curl -X PUT http://{}/v1/collections/demo/docs/hello -d '{{\"msg\":\"hi\"}}'", n.http_addr);
+        println!("  curl http://{}/v1/collections/demo/docs/hello", n.http_addr);
+    }
+    wait_for_signal().await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+    Ok(())
+}
+
+pub async fn run_start(args: StartArgs) -> Result<()> {
+    let cfg = NodeConfig {
+        node_id: args.node_id,
+        grpc_addr: args.grpc_addr,
+        http_addr: args.http_addr,
+        data_dir: args.data_dir,
+        initial_cluster: parse_initial_cluster(&args.initial_cluster)?,
+        cluster_id: args.cluster_id,
+        limits: Limits::default(),
+    };
+    let node = server::start(cfg).await?;
+    println!("floe node {} gRPC {} HTTP {}", args.node_id, node.grpc_addr, node.http_addr);
+    wait_for_signal().await;
+    node.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(t) => t,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    let code = s.metadata().get("floe-error-code").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+    anyhow!("{} ({}): {}", code, s.code(), s.message())
+}
+
+pub async fn run_doc(cmd: DocCommand) -> Result<()> {
+    let target = match &cmd {
+        DocCommand::Get { target, .. }
+        | DocCommand::Put { target, .. }
+        | DocCommand::Patch { target, .. }
+        | DocCommand::Delete { target, .. } => target,
+    };
+    let uri = if target.endpoint.starts_with("http") {
+        target.endpoint.clone()
+    } else {
+        format!("http://{}", target.endpoint)
+    };
+    let mut client = pb::documents_client::DocumentsClient::connect(uri.clone())
+        .await
+        .with_context(|| format!("connecting to {uri}"))?;
+    let (tenant, collection, id) = (target.tenant.clone(), target.collection.clone(), target.id.clone());
+    match cmd {
+        DocCommand::Get { consistency, .. } => {
+            let c = match consistency.as_str() {
+                "strong" => pb::Consistency::Strong,
+                "eventual" => pb::Consistency::Eventual,
+                other => bail!("unknown consistency {other:?} (strong or eventual)"),
+            };
+            let read = Some(pb::ReadOptions { consistency: c as i32, ..Default::default() });
+            let r =
+                client.get(pb::GetRequest { tenant, collection, id, read }).await.map_err(status_error)?.into_inner();
+            let d = r.document.ok_or_else(|| anyhow!("server returned no document"))?;
+            println!("{}", d.json);
+            eprintln!("version {}", d.version);
+        }
+        DocCommand::Put { json, if_version, .. } => {
+            let r = client
+                .put(pb::PutRequest { tenant, collection, id, json, expected_version: if_version.unwrap_or(0) })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("version {}", r.version);
+        }
+        DocCommand::Patch { patch, json_patch, if_version, .. } => {
+            let format = if json_patch { pb::PatchFormat::JsonPatch } else { pb::PatchFormat::MergePatch };
+            let r = client
+                .patch(pb::PatchRequest {
+                    tenant,
+                    collection,
+                    id,
+                    format: format as i32,
+                    patch_json: patch,
+                    expected_version: if_version.unwrap_or(0),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("{}", r.json);
+            eprintln!("version {}", r.version);
+        }
+        DocCommand::Delete { if_version, .. } => {
+            let r = client
+                .delete(pb::DeleteRequest { tenant, collection, id, expected_version: if_version.unwrap_or(0) })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!("deleted at version {}", r.version);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initial_cluster_parsing() {
+        let m = parse_initial_cluster("1=127.0.0.1:7700, 2=127.0.0.1:7710").unwrap();
+        assert_eq!(m.len(), 2);
+        assert_eq!(m[&2], "127.0.0.1:7710");
+        assert!(parse_initial_cluster("1=a,1=b").is_err());
+        assert!(parse_initial_cluster("x=a").is_err());
+        assert!(parse_initial_cluster("").is_err());
+    }
+
+    #[test]
+    fn dev_ports_follow_the_design() {
+        let args = DevArgs { nodes: 3, data: "d".into(), grpc_port: 7700, http_port: None };
+        let c2 = dev_node_config(&args, 2);
+        assert_eq!(c2.grpc_addr, "127.0.0.1:7710");
+        assert_eq!(c2.http_addr, "127.0.0.1:7711");
+        assert_eq!(c2.initial_cluster.len(), 3);
+    }
+}

@@ -1,0 +1,458 @@
+//! The raft host: every raft group replica on this node, and the ways to reach their leaders.
+//!
+//! Owns: the registry of running groups (one `Raft` per group, ever), proposing commands
+//! (locally when this node leads the group, else forwarded to the leader), linearizable read
+//! positions (batched read index), and the inbound side of the node-to-node transport.
+//!
+//! Invariants:
+//! - at most one running `Raft` per group id on a node (two cores on one log corrupt it);
+//! - inbound messages addressed to another node or cluster are refused, never applied;
+//! - a proposal reports `Unavailable { retry_safe: true }` only when it certainly was not
+//!   appended anywhere; a timeout is an unknown outcome.
+
+use super::log_store::LogStore;
+use super::network::{GroupNetworkFactory, SnapshotHeader};
+use super::state_machine::GroupStateMachine;
+use super::types::{Command, CommandResponse, GroupId, NodeId, Raft, TypeConfig};
+use crate::storage::group_commit::GroupCommit;
+use crate::storage::Engine;
+use crate::transport::{Envelope, Inbound, RpcKind, Transport, TransportError};
+use futures::future::BoxFuture;
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::{BasicNode, ServerState};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Bounds and timings of the host.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    pub node_id: NodeId,
+    pub cluster_id: String,
+    pub heartbeat_interval_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Upper bound on one proposal or read-index round, forwarding and retries included.
+    pub request_timeout: Duration,
+    /// Entries between snapshots.
+    pub snapshot_logs_since_last: u64,
+}
+
+impl HostConfig {
+    pub fn new(node_id: NodeId, cluster_id: impl Into<String>) -> Self {
+        Self {
+            node_id,
+            cluster_id: cluster_id.into(),
+            heartbeat_interval_ms: 100,
+            election_timeout_min_ms: 600,
+            election_timeout_max_ms: 1200,
+            request_timeout: Duration::from_secs(5),
+            snapshot_logs_since_last: 10_000,
+        }
+    }
+}
+
+/// Why a proposal or read could not be served by the group.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum GroupError {
+    #[error("group {0} is not hosted on this node")]
+    UnknownGroup(GroupId),
+    #[error("no leader for group {group} right now: {reason}")]
+    Unavailable { group: GroupId, reason: String, retry_safe: bool },
+    #[error("no answer from group {group} within {timeout_ms} ms; the outcome is unknown")]
+    Timeout { group: GroupId, timeout_ms: u64 },
+    #[error("group {group} failed: {reason}")]
+    Fatal { group: GroupId, reason: String },
+}
+
+/// A request forwarded to a group leader.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ForwardRequest {
+    Propose(Command),
+    ReadIndex,
+}
+
+/// The leader's answer to a `ForwardRequest`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum ForwardResponse {
+    Proposed { index: u64, response: CommandResponse },
+    ReadIndex { index: u64 },
+    NotLeader { leader: Option<(NodeId, String)> },
+    Failed(GroupError),
+}
+
+type ReadWaiter = oneshot::Sender<Result<u64, LocalReadError>>;
+
+#[derive(Clone, Debug)]
+enum LocalReadError {
+    NotLeader(Option<(NodeId, String)>),
+    Other(String),
+}
+
+/// One running group replica.
+pub struct GroupHandle {
+    pub group: GroupId,
+    pub raft: Raft,
+    applied: watch::Receiver<u64>,
+    reads: mpsc::Sender<ReadWaiter>,
+}
+
+impl GroupHandle {
+    /// The leader as this replica knows it (a hint: only a proposal confirms it).
+    pub fn leader(&self) -> Option<(NodeId, String)> {
+        let m = self.raft.metrics().borrow().clone();
+        let id = m.current_leader?;
+        let addr = m.membership_config.membership().get_node(&id).map(|n| n.addr.clone()).unwrap_or_default();
+        Some((id, addr))
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.raft.metrics().borrow().state == ServerState::Leader
+    }
+
+    pub fn applied_index(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// Waits until this replica applied `index`, up to `timeout`.
+    pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
+        let mut rx = self.applied.clone();
+        tokio::time::timeout(timeout, rx.wait_for(|a| *a >= index)).await.map(|r| r.is_ok()).unwrap_or(false)
+    }
+}
+
+/// Every group replica on this node.
+pub struct RaftHost {
+    pub config: HostConfig,
+    engine: Engine,
+    writer: GroupCommit,
+    transport: Arc<dyn Transport>,
+    groups: Mutex<BTreeMap<GroupId, Arc<GroupHandle>>>,
+}
+
+fn leader_of_forward(e: &openraft::error::ForwardToLeader<NodeId, BasicNode>) -> Option<(NodeId, String)> {
+    e.leader_id.map(|id| (id, e.leader_node.as_ref().map(|n| n.addr.clone()).unwrap_or_default()))
+}
+
+impl RaftHost {
+    pub fn new(config: HostConfig, engine: Engine, writer: GroupCommit, transport: Arc<dyn Transport>) -> Arc<Self> {
+        Arc::new(Self { config, engine, writer, transport, groups: Mutex::new(BTreeMap::new()) })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    /// Group-commit counters of this node's log writer.
+    pub fn writer_stats(&self) -> std::sync::Arc<crate::storage::group_commit::GroupCommitStats> {
+        self.writer.stats.clone()
+    }
+
+    pub fn group(&self, group: GroupId) -> Option<Arc<GroupHandle>> {
+        self.groups.lock().ok()?.get(&group).cloned()
+    }
+
+    pub fn group_ids(&self) -> Vec<GroupId> {
+        self.groups.lock().map(|g| g.keys().copied().collect()).unwrap_or_default()
+    }
+
+    fn raft_config(&self) -> Result<Arc<openraft::Config>, String> {
+        let c = openraft::Config {
+            cluster_name: self.config.cluster_id.clone(),
+            heartbeat_interval: self.config.heartbeat_interval_ms,
+            election_timeout_min: self.config.election_timeout_min_ms,
+            election_timeout_max: self.config.election_timeout_max_ms,
+            install_snapshot_timeout: 10_000,
+            max_payload_entries: 512,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.config.snapshot_logs_since_last),
+            max_in_snapshot_log_to_keep: 2_000,
+            purge_batch_size: 256,
+            ..Default::default()
+        };
+        c.validate().map(Arc::new).map_err(|e| e.to_string())
+    }
+
+    /// Starts the replica of `group` with data range `range` (idempotent).
+    pub async fn start_group(
+        self: &Arc<Self>,
+        group: GroupId,
+        range: (Vec<u8>, Vec<u8>),
+    ) -> Result<Arc<GroupHandle>, GroupError> {
+        if let Some(h) = self.group(group) {
+            return Ok(h);
+        }
+        let fatal = |reason: String| GroupError::Fatal { group, reason };
+        let sm = GroupStateMachine::open(group, self.engine.clone(), range).map_err(|e| fatal(e.to_string()))?;
+        let applied = sm.applied_watch();
+        let log = LogStore::new(group, self.engine.clone(), self.writer.clone());
+        let network = GroupNetworkFactory {
+            group,
+            node_id: self.config.node_id,
+            cluster_id: self.config.cluster_id.clone(),
+            transport: self.transport.clone(),
+        };
+        let config = self.raft_config().map_err(fatal)?;
+        let raft = Raft::new(self.config.node_id, config, network, log, sm).await.map_err(|e| fatal(e.to_string()))?;
+        let (reads, rx) = mpsc::channel(READ_QUEUE_MAX);
+        tokio::spawn(read_index_loop(raft.clone(), rx));
+        let handle = Arc::new(GroupHandle { group, raft, applied, reads });
+        let mut groups = self.groups.lock().map_err(|_| fatal("registry poisoned".into()))?;
+        // Registered under the lock: a concurrent start of the same group loses here and its
+        // Raft is dropped before it ever ran a round.
+        Ok(groups.entry(group).or_insert(handle).clone())
+    }
+
+    /// Initializes `group` with `members` if it has never been initialized.
+    pub async fn initialize(&self, group: GroupId, members: BTreeMap<NodeId, BasicNode>) -> Result<bool, GroupError> {
+        let h = self.group(group).ok_or(GroupError::UnknownGroup(group))?;
+        if h.raft.is_initialized().await.map_err(|e| GroupError::Fatal { group, reason: e.to_string() })? {
+            return Ok(false);
+        }
+        match h.raft.initialize(members).await {
+            Ok(()) => Ok(true),
+            Err(RaftError::APIError(openraft::error::InitializeError::NotAllowed(_))) => Ok(false),
+            Err(e) => Err(GroupError::Fatal { group, reason: e.to_string() }),
+        }
+    }
+
+    /// Stops every group (for a clean shutdown; a crash needs no call).
+    pub async fn shutdown(&self) {
+        let groups: Vec<Arc<GroupHandle>> =
+            self.groups.lock().map(|g| g.values().cloned().collect()).unwrap_or_default();
+        for g in groups {
+            let _ = g.raft.shutdown().await;
+        }
+    }
+
+    async fn propose_local(&self, group: GroupId, cmd: Command) -> ForwardResponse {
+        let Some(h) = self.group(group) else { return ForwardResponse::Failed(GroupError::UnknownGroup(group)) };
+        let timeout = self.config.request_timeout;
+        match tokio::time::timeout(timeout, h.raft.client_write(cmd)).await {
+            Err(_) => ForwardResponse::Failed(GroupError::Timeout { group, timeout_ms: timeout.as_millis() as u64 }),
+            Ok(Ok(resp)) => ForwardResponse::Proposed { index: resp.log_id.index, response: resp.data },
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                ForwardResponse::NotLeader { leader: leader_of_forward(&f) }
+            }
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(e)))) => {
+                ForwardResponse::Failed(GroupError::Fatal { group, reason: e.to_string() })
+            }
+            Ok(Err(RaftError::Fatal(e))) => {
+                ForwardResponse::Failed(GroupError::Unavailable { group, reason: e.to_string(), retry_safe: false })
+            }
+        }
+    }
+
+    async fn read_index_local(&self, group: GroupId) -> ForwardResponse {
+        let Some(h) = self.group(group) else { return ForwardResponse::Failed(GroupError::UnknownGroup(group)) };
+        let (tx, rx) = oneshot::channel();
+        if h.reads.try_send(tx).is_err() {
+            return ForwardResponse::Failed(GroupError::Unavailable {
+                group,
+                reason: "read queue full".into(),
+                retry_safe: true,
+            });
+        }
+        let timeout = self.config.request_timeout;
+        match tokio::time::timeout(timeout, rx).await {
+            Err(_) => ForwardResponse::Failed(GroupError::Timeout { group, timeout_ms: timeout.as_millis() as u64 }),
+            Ok(Err(_)) => ForwardResponse::Failed(GroupError::Unavailable {
+                group,
+                reason: "group stopped".into(),
+                retry_safe: true,
+            }),
+            Ok(Ok(Ok(index))) => ForwardResponse::ReadIndex { index },
+            Ok(Ok(Err(LocalReadError::NotLeader(leader)))) => ForwardResponse::NotLeader { leader },
+            Ok(Ok(Err(LocalReadError::Other(reason)))) => {
+                ForwardResponse::Failed(GroupError::Unavailable { group, reason, retry_safe: true })
+            }
+        }
+    }
+
+    /// Runs `req` on the group leader: here if this node leads, else forwarded. Retries with
+    /// the leader hint it learns, bounded by the request timeout.
+    async fn on_leader(&self, group: GroupId, req: ForwardRequest) -> Result<ForwardResponse, GroupError> {
+        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let mut hint: Option<(NodeId, String)> = None;
+        let mut attempt = 0u32;
+        let mut retry_safe = true;
+        loop {
+            attempt += 1;
+            let h = self.group(group).ok_or(GroupError::UnknownGroup(group))?;
+            let target = match hint.take().or_else(|| h.leader()) {
+                Some(t) => Some(t),
+                None => None,
+            };
+            let resp = match target {
+                Some((id, _)) if id == self.config.node_id => match &req {
+                    ForwardRequest::Propose(cmd) => self.propose_local(group, cmd.clone()).await,
+                    ForwardRequest::ReadIndex => self.read_index_local(group).await,
+                },
+                Some((id, addr)) if !addr.is_empty() => {
+                    let env = Envelope {
+                        cluster_id: self.config.cluster_id.clone(),
+                        group_id: group,
+                        from_node: self.config.node_id,
+                        to_node: id,
+                    };
+                    let payload =
+                        serde_json::to_vec(&req).map_err(|e| GroupError::Fatal { group, reason: e.to_string() })?;
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    match self.transport.call(addr, env, RpcKind::Forward, payload, left).await {
+                        Ok(bytes) => serde_json::from_slice(&bytes)
+                            .map_err(|e| GroupError::Fatal { group, reason: format!("bad forward reply: {e}") })?,
+                        Err(TransportError::Unreachable(r)) | Err(TransportError::Refused(r)) => {
+                            ForwardResponse::Failed(GroupError::Unavailable { group, reason: r, retry_safe: true })
+                        }
+                        Err(e) => {
+                            // The leader may have received it: a write's outcome is now unknown.
+                            retry_safe = false;
+                            ForwardResponse::Failed(GroupError::Unavailable {
+                                group,
+                                reason: e.to_string(),
+                                retry_safe: false,
+                            })
+                        }
+                    }
+                }
+                _ => ForwardResponse::NotLeader { leader: None },
+            };
+            let retry = match &resp {
+                ForwardResponse::NotLeader { leader } => {
+                    hint = leader.clone();
+                    true
+                }
+                ForwardResponse::Failed(GroupError::Unavailable { retry_safe: true, .. }) => true,
+                _ => false,
+            };
+            let is_write = matches!(req, ForwardRequest::Propose(_));
+            if !retry || (is_write && !retry_safe) {
+                return Ok(resp);
+            }
+            let backoff = Duration::from_millis((20u64 << attempt.min(5)).min(500));
+            if tokio::time::Instant::now() + backoff >= deadline {
+                let reason = match resp {
+                    ForwardResponse::Failed(e) => e.to_string(),
+                    _ => "no leader elected".to_string(),
+                };
+                return Err(GroupError::Unavailable { group, reason, retry_safe });
+            }
+            tokio::time::sleep(backoff).await;
+        }
+    }
+
+    /// Proposes `cmd` to `group` and returns the applied index and the state machine's answer.
+    pub async fn propose(&self, group: GroupId, cmd: Command) -> Result<(u64, CommandResponse), GroupError> {
+        match self.on_leader(group, ForwardRequest::Propose(cmd)).await? {
+            ForwardResponse::Proposed { index, response } => Ok((index, response)),
+            ForwardResponse::Failed(e) => Err(e),
+            ForwardResponse::ReadIndex { .. } | ForwardResponse::NotLeader { .. } => {
+                Err(GroupError::Unavailable { group, reason: "no leader elected".into(), retry_safe: true })
+            }
+        }
+    }
+
+    /// A linearizable read position: the leader confirms its leadership (batched read index),
+    /// then this replica waits until it applied that position. Returns the position.
+    pub async fn linearizable_position(&self, group: GroupId) -> Result<u64, GroupError> {
+        let index = match self.on_leader(group, ForwardRequest::ReadIndex).await? {
+            ForwardResponse::ReadIndex { index } => index,
+            ForwardResponse::Failed(e) => return Err(e),
+            _ => return Err(GroupError::Unavailable { group, reason: "no leader elected".into(), retry_safe: true }),
+        };
+        let h = self.group(group).ok_or(GroupError::UnknownGroup(group))?;
+        if h.wait_applied(index, self.config.request_timeout).await {
+            Ok(index)
+        } else {
+            Err(GroupError::Unavailable {
+                group,
+                reason: format!("replica did not apply index {index} in time"),
+                retry_safe: true,
+            })
+        }
+    }
+
+    fn check_envelope(&self, env: &Envelope) -> Result<Arc<GroupHandle>, String> {
+        if env.cluster_id != self.config.cluster_id {
+            return Err(format!("message for cluster {:?}, this is {:?}", env.cluster_id, self.config.cluster_id));
+        }
+        if env.to_node != self.config.node_id {
+            return Err(format!("message for node {}, this is node {}", env.to_node, self.config.node_id));
+        }
+        self.group(env.group_id)
+            .ok_or_else(|| format!("group {} is not running on node {}", env.group_id, self.config.node_id))
+    }
+}
+
+/// Bound on queued strong reads per group.
+pub const READ_QUEUE_MAX: usize = 16_384;
+
+/// Serves queued readers in rounds: one `ensure_linearizable` per round answers every reader
+/// that was queued before the round started.
+async fn read_index_loop(raft: Raft, mut rx: mpsc::Receiver<ReadWaiter>) {
+    while let Some(first) = rx.recv().await {
+        let mut waiters = vec![first];
+        while let Ok(w) = rx.try_recv() {
+            waiters.push(w);
+        }
+        let result = match raft.ensure_linearizable().await {
+            Ok(log_id) => Ok(log_id.map(|l| l.index).unwrap_or(0)),
+            Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                Err(LocalReadError::NotLeader(leader_of_forward(&f)))
+            }
+            Err(e) => Err(LocalReadError::Other(e.to_string())),
+        };
+        for w in waiters {
+            let _ = w.send(result.clone());
+        }
+    }
+}
+
+fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(v).map_err(|e| e.to_string())
+}
+
+impl Inbound for Arc<RaftHost> {
+    fn handle(&self, env: Envelope, kind: RpcKind, payload: Vec<u8>) -> BoxFuture<'static, Result<Vec<u8>, String>> {
+        let host = self.clone();
+        Box::pin(async move {
+            let h = host.check_envelope(&env)?;
+            match kind {
+                RpcKind::AppendEntries => {
+                    let req = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
+                    encode(&h.raft.append_entries(req).await)
+                }
+                RpcKind::Vote => {
+                    let req = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
+                    encode(&h.raft.vote(req).await)
+                }
+                RpcKind::Forward => {
+                    let req: ForwardRequest = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
+                    let resp = match req {
+                        ForwardRequest::Propose(cmd) => host.propose_local(env.group_id, cmd).await,
+                        ForwardRequest::ReadIndex => host.read_index_local(env.group_id).await,
+                    };
+                    encode(&resp)
+                }
+            }
+        })
+    }
+
+    fn handle_snapshot(
+        &self,
+        env: Envelope,
+        header: Vec<u8>,
+        data: Vec<u8>,
+    ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
+        let host = self.clone();
+        Box::pin(async move {
+            let h = host.check_envelope(&env)?;
+            let header: SnapshotHeader = serde_json::from_slice(&header).map_err(|e| e.to_string())?;
+            let snapshot =
+                openraft::Snapshot::<TypeConfig> { meta: header.meta, snapshot: Box::new(Cursor::new(data)) };
+            encode(&h.raft.install_full_snapshot(header.vote, snapshot).await)
+        })
+    }
+}

@@ -1,0 +1,160 @@
+//! A raft group's log and vote on the node's shared engine.
+//!
+//! Owns: the `raft_log` keys `group | index` and the `raft_meta` fields `vote`, `committed`,
+//! `purged` of one group. Many groups share one engine and one `GroupCommit` writer, so
+//! concurrent appends of all groups share fsyncs.
+//!
+//! Invariants (openraft's contract, RAFT-NOTES section 6):
+//! - `save_vote` returns only after the vote is synced;
+//! - `append` reports `log_io_completed` only after the entries are synced;
+//! - vote, append, truncate and purge go through the one writer, so they reach disk in the
+//!   order openraft issued them.
+
+use super::types::{Entry, GroupId, LogId, StorageError, TypeConfig, Vote};
+use crate::keys;
+use crate::storage::group_commit::GroupCommit;
+use crate::storage::{Cf, Engine, WriteBatch};
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{LogState, RaftLogReader, StorageIOError};
+use std::fmt::Debug;
+use std::ops::{Bound, RangeBounds};
+
+/// Log storage of one group.
+#[derive(Clone)]
+pub struct LogStore {
+    group: GroupId,
+    engine: Engine,
+    writer: GroupCommit,
+}
+
+fn read_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::read_logs(&e).into()
+}
+fn write_err(e: impl std::error::Error + 'static) -> StorageError {
+    StorageIOError::write_logs(&e).into()
+}
+
+impl LogStore {
+    pub fn new(group: GroupId, engine: Engine, writer: GroupCommit) -> Self {
+        Self { group, engine, writer }
+    }
+
+    fn meta<T: for<'de> serde::Deserialize<'de>>(&self, field: &str) -> Result<Option<T>, StorageError> {
+        match self.engine.get(Cf::RaftMeta, &keys::group_meta_key(self.group, field)).map_err(read_err)? {
+            None => Ok(None),
+            Some(v) => serde_json::from_slice(&v).map(Some).map_err(read_err),
+        }
+    }
+
+    fn meta_value<T: serde::Serialize>(&self, field: &str, value: &T) -> Result<(Vec<u8>, Vec<u8>), StorageError> {
+        Ok((keys::group_meta_key(self.group, field), serde_json::to_vec(value).map_err(write_err)?))
+    }
+
+    fn first_key(&self) -> Vec<u8> {
+        keys::log_key(self.group, 0)
+    }
+
+    /// One past the last possible key of this group's log.
+    fn end_key(&self) -> Vec<u8> {
+        keys::log_key(self.group + 1, 0)
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry>, StorageError> {
+        let start = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = match range.end_bound() {
+            Bound::Included(i) => keys::log_key(self.group, i.saturating_add(1)),
+            Bound::Excluded(i) => keys::log_key(self.group, *i),
+            Bound::Unbounded => self.end_key(),
+        };
+        let pairs =
+            self.engine.scan(Cf::RaftLog, &keys::log_key(self.group, start), &end, usize::MAX).map_err(read_err)?;
+        pairs.into_iter().map(|(_, v)| serde_json::from_slice::<Entry>(&v).map_err(read_err)).collect()
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
+        let last_purged: Option<LogId> = self.meta("purged")?;
+        let last = self.engine.last(Cf::RaftLog, &self.first_key(), &self.end_key()).map_err(read_err)?;
+        let last_log_id = match last {
+            Some((_, v)) => Some(serde_json::from_slice::<Entry>(&v).map_err(read_err)?.log_id),
+            None => last_purged,
+        };
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
+        let (k, v) = self.meta_value("vote", vote)?;
+        let mut b = WriteBatch::new();
+        b.put(Cf::RaftMeta, k, v);
+        self.writer.write_synced(b).await.map_err(|e| StorageError::from(StorageIOError::write_vote(&e)))
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
+        self.meta("vote")
+    }
+
+    async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
+        // Not synced: losing it only makes a restart re-apply less; a later synced append
+        // persists it anyway (one shared write-ahead log).
+        let (k, v) = self.meta_value("committed", &committed)?;
+        let mut b = WriteBatch::new();
+        b.put(Cf::RaftMeta, k, v);
+        self.engine.write(b, false).map_err(write_err)
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
+        Ok(self.meta::<Option<LogId>>("committed")?.flatten())
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut b = WriteBatch::new();
+        for entry in entries {
+            let value = serde_json::to_vec(&entry).map_err(write_err)?;
+            b.put(Cf::RaftLog, keys::log_key(self.group, entry.log_id.index), value);
+        }
+        match self.writer.write_synced(b).await {
+            Ok(()) => {
+                callback.log_io_completed(Ok(()));
+                Ok(())
+            }
+            Err(e) => {
+                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
+                Err(write_err(e))
+            }
+        }
+    }
+
+    async fn truncate(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let mut b = WriteBatch::new();
+        b.delete_range(Cf::RaftLog, keys::log_key(self.group, log_id.index), self.end_key());
+        self.writer.write_synced(b).await.map_err(write_err)
+    }
+
+    async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        let (k, v) = self.meta_value("purged", &log_id)?;
+        let mut b = WriteBatch::new();
+        b.put(Cf::RaftMeta, k, v);
+        b.delete_range(Cf::RaftLog, self.first_key(), keys::log_key(self.group, log_id.index.saturating_add(1)));
+        self.writer.write_synced(b).await.map_err(write_err)
+    }
+}

@@ -1,0 +1,7 @@
+//! Raft groups on openraft 0.9: types, runtime, log and state-machine storage, network, host.
+pub mod host;
+pub mod log_store;
+pub mod network;
+pub mod runtime;
+pub mod state_machine;
+pub mod types;

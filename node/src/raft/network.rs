@@ -1,0 +1,147 @@
+//! openraft's network traits for one group, over the node's `Transport`.
+//!
+//! Owns: encoding openraft requests and replies (serde JSON) into transport payloads and
+//! mapping transport failures to openraft's error kinds (`Unreachable` makes openraft back
+//! off; a refusal by the peer is `Unreachable` too, e.g. the group is not running there yet).
+
+use super::types::{GroupId, NodeId, Snapshot, TypeConfig, Vote};
+use crate::transport::{Envelope, RpcKind, Transport, TransportError};
+use openraft::error::{
+    Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError, Unreachable,
+};
+use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
+use openraft::BasicNode;
+use serde::{de::DeserializeOwned, Serialize};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Snapshot header sent before the data.
+#[derive(serde::Serialize, serde::Deserialize)]
+pub struct SnapshotHeader {
+    pub vote: Vote,
+    pub meta: super::types::SnapshotMeta,
+}
+
+/// Creates per-peer clients for one group.
+#[derive(Clone)]
+pub struct GroupNetworkFactory {
+    pub group: GroupId,
+    pub node_id: NodeId,
+    pub cluster_id: String,
+    pub transport: Arc<dyn Transport>,
+}
+
+/// A group's client to one peer.
+pub struct GroupNetwork {
+    factory: GroupNetworkFactory,
+    target: NodeId,
+    addr: String,
+}
+
+impl RaftNetworkFactory<TypeConfig> for GroupNetworkFactory {
+    type Network = GroupNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
+        GroupNetwork { factory: self.clone(), target, addr: node.addr.clone() }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct CodecError(String);
+
+impl GroupNetwork {
+    fn envelope(&self) -> Envelope {
+        Envelope {
+            cluster_id: self.factory.cluster_id.clone(),
+            group_id: self.factory.group,
+            from_node: self.factory.node_id,
+            to_node: self.target,
+        }
+    }
+
+    async fn rpc<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        kind: RpcKind,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let payload =
+            serde_json::to_vec(req).map_err(|e| RPCError::Network(NetworkError::new(&CodecError(e.to_string()))))?;
+        let reply = self
+            .factory
+            .transport
+            .call(self.addr.clone(), self.envelope(), kind, payload, timeout)
+            .await
+            .map_err(to_rpc_error)?;
+        let decoded: Result<Resp, RaftError<NodeId>> = serde_json::from_slice(&reply)
+            .map_err(|e| RPCError::Network(NetworkError::new(&CodecError(e.to_string()))))?;
+        decoded.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+fn to_rpc_error(e: TransportError) -> RPCError<NodeId, BasicNode, RaftError<NodeId>> {
+    match e {
+        TransportError::Unreachable(_) | TransportError::Refused(_) => RPCError::Unreachable(Unreachable::new(&e)),
+        TransportError::Timeout(_) | TransportError::Network(_) => RPCError::Network(NetworkError::new(&e)),
+    }
+}
+
+impl RaftNetwork<TypeConfig> for GroupNetwork {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.rpc(RpcKind::AppendEntries, &rpc, option.hard_ttl()).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.rpc(RpcKind::Vote, &rpc, option.hard_ttl()).await
+    }
+
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote,
+        snapshot: Snapshot,
+        cancel: impl Future<Output = ReplicationClosed> + Send + 'static,
+        _option: RPCOption,
+    ) -> Result<SnapshotResponse<NodeId>, StreamingError<TypeConfig, Fatal<NodeId>>> {
+        let header = SnapshotHeader { vote, meta: snapshot.meta.clone() };
+        let header = serde_json::to_vec(&header)
+            .map_err(|e| StreamingError::Network(NetworkError::new(&CodecError(e.to_string()))))?;
+        let data = snapshot.snapshot.into_inner();
+        // Snapshots are large and slow by nature: bound them by a generous fixed timeout and
+        // by openraft's cancel signal, not by the per-RPC TTL.
+        let send =
+            self.factory.transport.send_snapshot(self.addr.clone(), self.envelope(), header, data, SNAPSHOT_TIMEOUT);
+        let reply = tokio::select! {
+            closed = cancel => return Err(StreamingError::Closed(closed)),
+            r = send => r,
+        };
+        let reply = reply.map_err(|e| match e {
+            TransportError::Unreachable(_) | TransportError::Refused(_) => {
+                StreamingError::Unreachable(Unreachable::new(&e))
+            }
+            TransportError::Timeout(_) | TransportError::Network(_) => StreamingError::Network(NetworkError::new(&e)),
+        })?;
+        let decoded: Result<SnapshotResponse<NodeId>, Fatal<NodeId>> = serde_json::from_slice(&reply)
+            .map_err(|e| StreamingError::Network(NetworkError::new(&CodecError(e.to_string()))))?;
+        decoded.map_err(|e| StreamingError::RemoteError(RemoteError::new(self.target, e)))
+    }
+
+    fn backoff(&self) -> Backoff {
+        Backoff::new(std::iter::repeat(UNREACHABLE_BACKOFF))
+    }
+}
+
+/// Upper bound on one snapshot transfer.
+pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Pause before retrying an unreachable peer.
+pub const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(200);

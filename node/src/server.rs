@@ -1,0 +1,228 @@
+//! Starting and stopping one Floe node: storage, raft groups, gRPC and HTTP servers, and the
+//! cluster bootstrap.
+//!
+//! Bootstrap rule (etcd's `--initial-cluster` convention): every node starts with the same
+//! member list; the node with the lowest id initializes the meta group and the first shard
+//! group once, on an empty data dir. A restarted node finds its raft state on disk and
+//! rejoins. Every node (re-)registers its addresses in the catalog on each start.
+
+use crate::api::grpc::GrpcApi;
+use crate::api::NodeApi;
+use crate::catalog::{CatalogCommand, NodeInfo, ShardDesc};
+use crate::docs::Limits;
+use crate::keys;
+use crate::metrics::Metrics;
+use crate::raft::host::{HostConfig, RaftHost};
+use crate::raft::types::{Command, NodeId};
+use crate::storage::group_commit::GroupCommit;
+use crate::storage::rocks::RocksEngine;
+use crate::storage::Engine;
+use crate::transport::grpc::{GrpcTransport, RaftTransportService};
+use crate::transport::Inbound;
+use floe_proto::internal::raft_transport_server::RaftTransportServer;
+use floe_proto::v1::admin_server::AdminServer;
+use floe_proto::v1::documents_server::DocumentsServer;
+use openraft::BasicNode;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+/// Everything needed to start one node.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub node_id: NodeId,
+    /// gRPC listen address, also advertised to peers and clients.
+    pub grpc_addr: String,
+    pub http_addr: String,
+    pub data_dir: PathBuf,
+    /// Every initial member: node id → gRPC address.
+    pub initial_cluster: BTreeMap<NodeId, String>,
+    pub cluster_id: String,
+    pub limits: Limits,
+}
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("raft: {0}")]
+    Raft(String),
+}
+
+/// A started node. Dropping it does not stop it; call `shutdown`.
+pub struct RunningNode {
+    pub api: Arc<NodeApi>,
+    pub host: Arc<RaftHost>,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningNode {
+    /// Stops serving and shuts the raft groups down.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        self.host.shutdown().await;
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
+    }
+}
+
+fn check(config: &NodeConfig) -> Result<(), StartError> {
+    if config.node_id == 0 {
+        return Err(StartError::Config("node ids start at 1".into()));
+    }
+    match config.initial_cluster.get(&config.node_id) {
+        None => Err(StartError::Config(format!("--initial-cluster does not list this node's id {}", config.node_id))),
+        Some(addr) if addr != &config.grpc_addr => Err(StartError::Config(format!(
+            "--initial-cluster lists node {} at {addr}, but --grpc-addr is {}",
+            config.node_id, config.grpc_addr
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// Starts a node: opens storage, starts its groups and servers, bootstraps if it is first.
+pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
+    check(&config)?;
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|e| StartError::Storage(format!("{}: {e}", config.data_dir.display())))?;
+    let engine: Engine =
+        Arc::new(RocksEngine::open(&config.data_dir.join("db")).map_err(|e| StartError::Storage(e.to_string()))?);
+    let writer = GroupCommit::spawn_thread(engine.clone()).map_err(|e| StartError::Storage(e.to_string()))?;
+    let transport = Arc::new(GrpcTransport::new());
+    let host = RaftHost::new(HostConfig::new(config.node_id, config.cluster_id.clone()), engine, writer, transport);
+    for g in [keys::META_GROUP, keys::FIRST_SHARD] {
+        host.start_group(g, keys::initial_group_range(g)).await.map_err(|e| StartError::Raft(e.to_string()))?;
+    }
+    let metrics = Arc::new(Metrics::new());
+    let api = Arc::new(NodeApi::new(config.node_id, config.limits, host.clone(), metrics));
+
+    let grpc_listener = bind(&config.grpc_addr).await?;
+    let http_listener = bind(&config.http_addr).await?;
+    let grpc_addr =
+        grpc_listener.local_addr().map_err(|e| StartError::Bind { addr: config.grpc_addr.clone(), source: e })?;
+    let http_addr =
+        http_listener.local_addr().map_err(|e| StartError::Bind { addr: config.http_addr.clone(), source: e })?;
+    let (stop, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(serve_grpc(grpc_listener, api.clone(), host.clone(), stop_rx.clone())));
+    tasks.push(tokio::spawn(serve_http(http_listener, api.clone(), stop_rx.clone())));
+
+    if Some(config.node_id) == config.initial_cluster.keys().next().copied() {
+        let members: BTreeMap<NodeId, BasicNode> =
+            config.initial_cluster.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
+        for g in [keys::META_GROUP, keys::FIRST_SHARD] {
+            let fresh = host.initialize(g, members.clone()).await.map_err(|e| StartError::Raft(e.to_string()))?;
+            if fresh {
+                tracing::info!(group = g, members = ?config.initial_cluster, "initialized raft group");
+            }
+        }
+    }
+    tasks.push(tokio::spawn(register(config.clone(), http_addr, host.clone(), stop_rx)));
+    Ok(RunningNode { api, host, grpc_addr, http_addr, stop, tasks })
+}
+
+async fn bind(addr: &str) -> Result<tokio::net::TcpListener, StartError> {
+    tokio::net::TcpListener::bind(addr).await.map_err(|e| StartError::Bind { addr: addr.into(), source: e })
+}
+
+async fn stopped(mut rx: watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}
+
+async fn serve_grpc(
+    listener: tokio::net::TcpListener,
+    api: Arc<NodeApi>,
+    host: Arc<RaftHost>,
+    stop: watch::Receiver<bool>,
+) {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<DocumentsServer<GrpcApi>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(floe_proto::FILE_DESCRIPTOR_SET)
+        .build_v1();
+    let grpc_api = GrpcApi::new(api.clone());
+    let inbound: Arc<dyn Inbound> = Arc::new(host);
+    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    let router = builder
+        .add_service(health_service)
+        .add_service(DocumentsServer::new(grpc_api.clone()).max_decoding_message_size(64 << 20))
+        .add_service(AdminServer::new(grpc_api))
+        .add_service(RaftTransportServer::new(RaftTransportService::new(inbound)).max_decoding_message_size(256 << 20));
+    let router = match reflection {
+        Ok(r) => router.add_service(r),
+        Err(e) => {
+            tracing::warn!(error = %e, "gRPC reflection unavailable");
+            router
+        }
+    };
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    if let Err(e) = router.serve_with_incoming_shutdown(incoming, stopped(stop)).await {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+}
+
+async fn serve_http(listener: tokio::net::TcpListener, api: Arc<NodeApi>, stop: watch::Receiver<bool>) {
+    let app = crate::api::http::router(api);
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stopped(stop)).await {
+        tracing::error!(error = %e, "HTTP server failed");
+    }
+}
+
+/// Writes the bootstrap catalog (first node only) and this node's addresses, retrying until
+/// the meta group accepts them or the node stops.
+async fn register(config: NodeConfig, http_addr: SocketAddr, host: Arc<RaftHost>, stop: watch::Receiver<bool>) {
+    let first = Some(config.node_id) == config.initial_cluster.keys().next().copied();
+    let mut cmds = Vec::new();
+    if first {
+        let nodes = config
+            .initial_cluster
+            .iter()
+            .map(|(id, addr)| NodeInfo { id: *id, grpc_addr: addr.clone(), http_addr: String::new() })
+            .collect();
+        let (start, end) = keys::initial_group_range(keys::FIRST_SHARD);
+        let shard = ShardDesc {
+            id: keys::FIRST_SHARD,
+            start,
+            end,
+            epoch: 1,
+            replicas: config.initial_cluster.keys().copied().collect(),
+        };
+        cmds.push(CatalogCommand::Bootstrap { cluster_id: config.cluster_id.clone(), nodes, shards: vec![shard] });
+    }
+    let http = if config.http_addr.ends_with(":0") { http_addr.to_string() } else { config.http_addr.clone() };
+    cmds.push(CatalogCommand::RegisterNode(NodeInfo {
+        id: config.node_id,
+        grpc_addr: config.grpc_addr.clone(),
+        http_addr: http,
+    }));
+    for cmd in cmds {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            match host.propose(keys::META_GROUP, Command::Catalog(cmd.clone())).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "catalog registration not accepted yet, retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+    tracing::info!(node = config.node_id, "registered in the catalog");
+}

@@ -1,0 +1,203 @@
+//! The `floe-sim` command line: clap definitions, the `check` subcommand, how its results are
+//! rendered, and the exit codes.
+//!
+//! Exit codes: 0 linearizable, 1 not linearizable, 2 unreadable or invalid input (including
+//! bad arguments, as clap reports them), 3 unknown (a key exhausted its search budget and no
+//! key is certainly not linearizable).
+//!
+//! Invariants: this is the only module that touches files or the terminal, and it only reads
+//! the history file it is given and writes to the writers it is handed. Output is bounded:
+//! at most `KEYS_SHOWN_MAX` keys and `PREFIX_SHOWN_MAX` prefix operations per key.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::history::{abbreviate, History, HistoryError};
+use crate::linearizability::{
+    check_history, CheckConfig, CheckReport, KeyOutcome, KeyReport, UnknownReason, Verdict,
+    CACHE_BYTES_MAX_PER_KEY_DEFAULT, STEPS_MAX_PER_KEY_DEFAULT,
+};
+
+/// Exit code: every key is linearizable.
+pub const EXIT_LINEARIZABLE: u8 = 0;
+/// Exit code: some key is not linearizable.
+pub const EXIT_NOT_LINEARIZABLE: u8 = 1;
+/// Exit code: the input could not be read or parsed, or the arguments were wrong.
+pub const EXIT_INVALID_INPUT: u8 = 2;
+/// Exit code: the search budget ran out before an answer.
+pub const EXIT_UNKNOWN: u8 = 3;
+
+/// Keys rendered per verdict; the rest are counted.
+const KEYS_SHOWN_MAX: usize = 10;
+/// Operations of a counterexample's prefix rendered (the last ones); the rest are counted.
+const PREFIX_SHOWN_MAX: usize = 20;
+
+/// Floe's deterministic simulator and consistency checkers.
+#[derive(Debug, Parser)]
+#[command(name = "floe-sim", version)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check a JSONL register history for per-key linearizability.
+    ///
+    /// Exit codes: 0 linearizable, 1 not linearizable, 2 unreadable or invalid input,
+    /// 3 unknown (a key exhausted its search budget).
+    Check(CheckArgs),
+}
+
+/// Arguments of `floe-sim check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The history: one JSON event per line, e.g.
+    /// {"process": 0, "type": "invoke", "f": "write", "key": "a", "value": 1}.
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub history: PathBuf,
+    /// Search steps allowed per key before the key is reported unknown.
+    #[arg(long, value_name = "STEPS", default_value_t = STEPS_MAX_PER_KEY_DEFAULT)]
+    pub steps_max_per_key: u64,
+    /// Memo bytes allowed per key before the key is reported unknown.
+    #[arg(long, value_name = "BYTES", default_value_t = CACHE_BYTES_MAX_PER_KEY_DEFAULT)]
+    pub cache_bytes_max_per_key: usize,
+}
+
+/// Why `check` could not produce a verdict.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// The history file could not be read.
+    #[error("cannot read history {path}: {source}")]
+    ReadHistory {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The history file is not a valid history.
+    #[error("invalid history {path}: {source}")]
+    InvalidHistory {
+        /// The file.
+        path: PathBuf,
+        /// The parse error, naming the line.
+        source: HistoryError,
+    },
+    /// Writing the result failed.
+    #[error("cannot write output: {0}")]
+    Output(#[from] io::Error),
+}
+
+/// The exit code for a verdict.
+pub fn exit_code(verdict: Verdict) -> u8 {
+    match verdict {
+        Verdict::Linearizable => EXIT_LINEARIZABLE,
+        Verdict::NotLinearizable => EXIT_NOT_LINEARIZABLE,
+        Verdict::Unknown => EXIT_UNKNOWN,
+    }
+}
+
+/// Runs `floe-sim check`: the verdict and any counterexample go to `out`, a one-line summary
+/// to `diagnostics`.
+pub fn run_check(args: &CheckArgs, out: &mut impl Write, diagnostics: &mut impl Write) -> Result<Verdict, CliError> {
+    let bytes =
+        std::fs::read(&args.history).map_err(|source| CliError::ReadHistory { path: args.history.clone(), source })?;
+    let history = History::parse_jsonl(&bytes)
+        .map_err(|source| CliError::InvalidHistory { path: args.history.clone(), source })?;
+    let config = CheckConfig {
+        steps_max_per_key: args.steps_max_per_key,
+        cache_bytes_max_per_key: args.cache_bytes_max_per_key,
+    };
+    let report = check_history(&history, &config);
+    render_report(&history, &report, out)?;
+    render_summary(&args.history, &history, &report, diagnostics)?;
+    Ok(report.verdict())
+}
+
+/// Writes the verdict line, then each non-linearizable key's counterexample and each unknown
+/// key's reason.
+pub fn render_report(history: &History, report: &CheckReport, out: &mut impl Write) -> io::Result<()> {
+    let verdict = report.verdict();
+    match verdict {
+        Verdict::Linearizable => return writeln!(out, "linearizable"),
+        Verdict::NotLinearizable => writeln!(out, "NOT linearizable")?,
+        Verdict::Unknown => writeln!(out, "unknown")?,
+    }
+    let violations: Vec<&KeyReport> =
+        report.keys.iter().filter(|key| matches!(key.outcome, KeyOutcome::NotLinearizable(_))).collect();
+    let unknowns: Vec<&KeyReport> =
+        report.keys.iter().filter(|key| matches!(key.outcome, KeyOutcome::Unknown(_))).collect();
+    for key in violations.iter().take(KEYS_SHOWN_MAX) {
+        render_key(history, key, out)?;
+    }
+    if violations.len() > KEYS_SHOWN_MAX {
+        writeln!(out, "... and {} more keys not linearizable", violations.len() - KEYS_SHOWN_MAX)?;
+    }
+    for key in unknowns.iter().take(KEYS_SHOWN_MAX) {
+        render_key(history, key, out)?;
+    }
+    if unknowns.len() > KEYS_SHOWN_MAX {
+        writeln!(out, "... and {} more keys unknown", unknowns.len() - KEYS_SHOWN_MAX)?;
+    }
+    Ok(())
+}
+
+fn render_key(history: &History, key: &KeyReport, out: &mut impl Write) -> io::Result<()> {
+    let name = abbreviate(&serde_json::Value::from(key.key.as_str()));
+    let operations = history.operations();
+    match &key.outcome {
+        KeyOutcome::Linearizable => writeln!(out, "key {name}: linearizable"),
+        KeyOutcome::Unknown(reason) => {
+            let why = match reason {
+                UnknownReason::StepBudget { steps_max } => {
+                    format!("step budget of {steps_max} exhausted")
+                }
+                UnknownReason::CacheBudget { bytes_max } => {
+                    format!("memo budget of {bytes_max} bytes exhausted")
+                }
+            };
+            writeln!(out, "key {name}: unknown ({why} after {} steps on {} operations)", key.steps, key.operations)
+        }
+        KeyOutcome::NotLinearizable(counterexample) => {
+            writeln!(out, "key {name}: not linearizable ({} operations on this key)", key.operations)?;
+            let prefix = &counterexample.prefix;
+            writeln!(out, "  longest linearizable prefix found ({} operations):", prefix.len())?;
+            let hidden = prefix.len().saturating_sub(PREFIX_SHOWN_MAX);
+            if hidden > 0 {
+                writeln!(out, "    ... {hidden} earlier operations")?;
+            }
+            for (position, &index) in prefix.iter().enumerate().skip(hidden) {
+                writeln!(out, "    {}. {}", position + 1, operations[index])?;
+            }
+            writeln!(out, "  register after the prefix: {}", abbreviate(&counterexample.register_after_prefix))?;
+            writeln!(out, "  cannot be placed next: {}", operations[counterexample.unplaceable])
+        }
+    }
+}
+
+fn render_summary(
+    path: &Path,
+    history: &History,
+    report: &CheckReport,
+    diagnostics: &mut impl Write,
+) -> io::Result<()> {
+    let stats = history.stats();
+    writeln!(
+        diagnostics,
+        "{}: {} events, {} operations on {} keys ({} ok, {} indeterminate; dropped {} failed, \
+         {} indeterminate reads), {} search steps",
+        path.display(),
+        stats.events,
+        history.operations().len(),
+        report.keys.len(),
+        stats.definite,
+        stats.indeterminate,
+        stats.failed_dropped,
+        stats.indeterminate_reads_dropped,
+        report.steps()
+    )
+}

@@ -1,0 +1,14 @@
+//! floe-sim: Floe's deterministic simulator and its consistency checkers.
+//!
+//! Codemap:
+//! - [`history`]: the Jepsen-style JSONL event format and its parse into paired operations.
+//! - [`linearizability`]: the per-key Wing & Gong / Lowe / Porcupine linearizability checker.
+//! - [`cli`]: the `floe-sim` command line (argument definitions, rendering, exit codes).
+//!
+//! Invariants: `history` and `linearizability` are pure and deterministic (no I/O, no clock,
+//! no randomness, no unbounded search); only `cli` reads files and writes to the terminal.
+//! The simulator proper (running the node code) is not here yet.
+
+pub mod cli;
+pub mod history;
+pub mod linearizability;

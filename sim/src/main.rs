@@ -1,0 +1,33 @@
+//! The `floe-sim` binary: parses arguments, runs the chosen subcommand from
+//! [`floe_sim::cli`], and maps the outcome to an exit code (see `floe-sim --help`).
+//!
+//! Invariant: this file only wires things together; errors reaching it (unreadable or
+//! invalid input, failed output) exit with code 2, as clap does for bad arguments.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use floe_sim::cli::{self, Cli, Command, EXIT_INVALID_INPUT};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(&cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("floe-sim: {error:#}");
+            ExitCode::from(EXIT_INVALID_INPUT)
+        }
+    }
+}
+
+fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
+    match &cli.command {
+        Command::Check(args) => {
+            let stdout = std::io::stdout();
+            let stderr = std::io::stderr();
+            let verdict = cli::run_check(args, &mut stdout.lock(), &mut stderr.lock()).context("check")?;
+            Ok(ExitCode::from(cli::exit_code(verdict)))
+        }
+    }
+}
