@@ -299,8 +299,8 @@ mod tests {
         assert!(error.is_retry_safe(), "{error:?}");
     }
 
-    /// A write against dead endpoints is retried (connect failures are retry safe), bounded by
-    /// the policy, and rotates through the endpoints.
+    /// A write against dead endpoints ends, after the bounded attempts, with a retry-safe
+    /// error (connect failures prove the request was never sent).
     #[tokio::test]
     async fn write_to_dead_endpoints_retries_bounded() {
         let client = Client::builder()

@@ -102,7 +102,12 @@ pub fn apply<E>(
                 let info = ClusterInfo { cluster_id: cluster_id.clone(), bootstrapped_at_index: index };
                 changes.push((keys::catalog_cluster_key(), Some(encode(&info))));
                 for n in nodes {
-                    changes.push((keys::catalog_node_key(n.id), Some(encode(n))));
+                    // A node may have registered (with its HTTP address) before bootstrap
+                    // applied; keep what it said about itself.
+                    let key = keys::catalog_node_key(n.id);
+                    if read(&key)?.is_none() {
+                        changes.push((key, Some(encode(n))));
+                    }
                 }
                 for s in shards {
                     changes.push((keys::catalog_shard_key(s.id), Some(encode(s))));

@@ -68,11 +68,12 @@ pub struct CheckArgs {
     pub cache_bytes_max_per_key: usize,
 }
 
-/// Why `check` could not produce a verdict.
+/// Why `check` could not produce a verdict. Display gives the outer message only; the
+/// cause is the `source()` (print with `{:#}` in anyhow, or walk the chain).
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
     /// The history file could not be read.
-    #[error("cannot read history {path}: {source}")]
+    #[error("cannot read history {path}")]
     ReadHistory {
         /// The file.
         path: PathBuf,
@@ -80,7 +81,7 @@ pub enum CliError {
         source: io::Error,
     },
     /// The history file is not a valid history.
-    #[error("invalid history {path}: {source}")]
+    #[error("invalid history {path}")]
     InvalidHistory {
         /// The file.
         path: PathBuf,
@@ -88,7 +89,7 @@ pub enum CliError {
         source: HistoryError,
     },
     /// Writing the result failed.
-    #[error("cannot write output: {0}")]
+    #[error("cannot write output")]
     Output(#[from] io::Error),
 }
 
@@ -160,12 +161,16 @@ fn render_key(history: &History, key: &KeyReport, out: &mut impl Write) -> io::R
                     format!("memo budget of {bytes_max} bytes exhausted")
                 }
             };
-            writeln!(out, "key {name}: unknown ({why} after {} steps on {} operations)", key.steps, key.operations)
+            let steps = count(usize::try_from(key.steps).unwrap_or(usize::MAX), "step");
+            writeln!(out, "key {name}: unknown ({why} after {steps} on {})", count(key.operations, "operation"))
         }
         KeyOutcome::NotLinearizable(counterexample) => {
-            writeln!(out, "key {name}: not linearizable ({} operations on this key)", key.operations)?;
+            writeln!(out, "key {name}: not linearizable ({} on this key)", count(key.operations, "operation"))?;
             let prefix = &counterexample.prefix;
-            writeln!(out, "  longest linearizable prefix found ({} operations):", prefix.len())?;
+            writeln!(out, "  longest linearizable prefix found ({}):", count(prefix.len(), "operation"))?;
+            if prefix.is_empty() {
+                writeln!(out, "    (none: no operation can go first)")?;
+            }
             let hidden = prefix.len().saturating_sub(PREFIX_SHOWN_MAX);
             if hidden > 0 {
                 writeln!(out, "    ... {hidden} earlier operations")?;
@@ -188,16 +193,25 @@ fn render_summary(
     let stats = history.stats();
     writeln!(
         diagnostics,
-        "{}: {} events, {} operations on {} keys ({} ok, {} indeterminate; dropped {} failed, \
-         {} indeterminate reads), {} search steps",
+        "{}: {}, {} on {} ({} ok, {} indeterminate; dropped {} failed, {} indeterminate reads), \
+         {} search steps",
         path.display(),
-        stats.events,
-        history.operations().len(),
-        report.keys.len(),
+        count(stats.events, "event"),
+        count(history.operations().len(), "operation"),
+        count(report.keys.len(), "key"),
         stats.definite,
         stats.indeterminate,
         stats.failed_dropped,
         stats.indeterminate_reads_dropped,
         report.steps()
     )
+}
+
+/// `1 operation`, `2 operations`.
+fn count(number: usize, noun: &str) -> String {
+    if number == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{number} {noun}s")
+    }
 }

@@ -126,7 +126,7 @@ impl Event {
     /// Parses one JSONL line; `line` (1-based) only labels errors.
     pub fn parse_line(text: &str, line: usize) -> Result<Self, HistoryError> {
         let parsed: Value = serde_json::from_str(text)
-            .map_err(|source| HistoryError::InvalidJson { line, message: source.to_string() })?;
+            .map_err(|source| HistoryError::InvalidJson { line, message: json_error_message(&source) })?;
         let Value::Object(mut object) = parsed else {
             return Err(HistoryError::NotAnObject { line, found: json_type_name(&parsed) });
         };
@@ -561,6 +561,17 @@ fn invoke_arguments(event: &Event, line: usize) -> Result<Option<Action>, Histor
             None => Err(HistoryError::MissingField { line, field: "value" }),
         },
     }
+}
+
+/// serde_json's message with its position given as a column of the line (serde_json counts
+/// lines within the one-line text it was handed, which would always say "line 1").
+fn json_error_message(error: &serde_json::Error) -> String {
+    let text = error.to_string();
+    let message = match text.rsplit_once(" at line ") {
+        Some((message, _)) => message,
+        None => text.as_str(),
+    };
+    format!("{message} at column {}", error.column())
 }
 
 fn json_type_name(value: &Value) -> &'static str {

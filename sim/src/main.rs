@@ -6,7 +6,6 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use clap::Parser as _;
 use floe_sim::cli::{self, Cli, Command, EXIT_INVALID_INPUT};
 
@@ -26,7 +25,7 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
         Command::Check(args) => {
             let stdout = std::io::stdout();
             let stderr = std::io::stderr();
-            let verdict = cli::run_check(args, &mut stdout.lock(), &mut stderr.lock()).context("check")?;
+            let verdict = cli::run_check(args, &mut stdout.lock(), &mut stderr.lock())?;
             Ok(ExitCode::from(cli::exit_code(verdict)))
         }
     }

@@ -265,10 +265,9 @@ impl NodeApi {
         let mut positions: BTreeMap<GroupId, u64> = BTreeMap::new();
         for id in ids {
             let g = self.route(&keys::doc_key(tenant, collection, id))?;
-            if !positions.contains_key(&g) {
+            if let std::collections::btree_map::Entry::Vacant(slot) = positions.entry(g) {
                 self.record_load(g);
-                let p = self.read_position(g, consistency).await?;
-                positions.insert(g, p);
+                slot.insert(self.read_position(g, consistency).await?);
             }
         }
         let mut out = Vec::with_capacity(ids.len());

@@ -34,13 +34,16 @@ impl StoredDoc {
 /// One key's change: `Some(doc)` to store, `None` to delete.
 pub type DocChange = (Vec<u8>, Option<StoredDoc>);
 
+/// What a batch does: the changes to write and a result per operation.
+pub type BatchOutcome = (Vec<DocChange>, Vec<DocWriteResult>);
+
 /// Applies `batch` at log `index` over the state `read` returns. `Err` from `read` is a
 /// storage failure and aborts the apply; `Ok(Err(..))` is a refused batch (nothing changes).
 pub fn apply_batch<E>(
     read: impl Fn(&[u8]) -> Result<Option<StoredDoc>, E>,
     index: u64,
     batch: &DocBatch,
-) -> Result<Result<(Vec<DocChange>, Vec<DocWriteResult>), BatchError>, E> {
+) -> Result<Result<BatchOutcome, BatchError>, E> {
     let mut changes = Vec::with_capacity(batch.ops.len());
     let mut results = Vec::with_capacity(batch.ops.len());
     let mut seen = BTreeSet::new();
@@ -235,8 +238,7 @@ mod tests {
     fn patch_result_over_the_limit_is_refused_and_nothing_changes() {
         let mut s = Store::new();
         s.run(vec![op("a", DocAction::Put { json: r#"{"x":1}"#.into(), expected: None })]).unwrap();
-        let mut lim = Limits::default();
-        lim.doc_bytes_max = 20;
+        let lim = Limits { doc_bytes_max: 20, ..Limits::default() };
         s.index += 1;
         let batch = DocBatch {
             tenant: "t".into(),

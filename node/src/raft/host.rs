@@ -281,10 +281,7 @@ impl RaftHost {
         loop {
             attempt += 1;
             let h = self.group(group).ok_or(GroupError::UnknownGroup(group))?;
-            let target = match hint.take().or_else(|| h.leader()) {
-                Some(t) => Some(t),
-                None => None,
-            };
+            let target = hint.take().or_else(|| h.leader());
             let resp = match target {
                 Some((id, _)) if id == self.config.node_id => match &req {
                     ForwardRequest::Propose(cmd) => self.propose_local(group, cmd.clone()).await,

@@ -108,8 +108,10 @@ pub enum EngineError {
     Corrupt(String),
 }
 
+/// One key-value pair.
+pub type KvPair = (Vec<u8>, Vec<u8>);
 /// Key-value pairs in key order.
-pub type KvPairs = Vec<(Vec<u8>, Vec<u8>)>;
+pub type KvPairs = Vec<KvPair>;
 
 /// A node's database.
 pub trait KvEngine: Send + Sync + 'static {
@@ -117,7 +119,7 @@ pub trait KvEngine: Send + Sync + 'static {
     /// Up to `limit` pairs with `start <= key < end` (`end` empty: no upper bound), in order.
     fn scan(&self, cf: Cf, start: &[u8], end: &[u8], limit: usize) -> Result<KvPairs, EngineError>;
     /// The last pair with `start <= key < end` (`end` empty: no upper bound).
-    fn last(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, EngineError>;
+    fn last(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<KvPair>, EngineError>;
     /// Applies `batch` atomically; with `sync` it is durable on return.
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError>;
     /// Approximate bytes stored under `[start, end)` of `cf`, for load reports.

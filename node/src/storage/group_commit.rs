@@ -124,6 +124,6 @@ mod tests {
         mem.crash(0);
         assert_eq!(mem.scan(Cf::RaftLog, b"", b"", 1000).unwrap().len(), 200);
         let syncs = gc.stats.syncs.load(Ordering::Relaxed);
-        assert!(syncs <= 200 && syncs >= 1);
+        assert!((1..=200).contains(&syncs));
     }
 }

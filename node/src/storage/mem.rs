@@ -7,7 +7,7 @@
 //! Invariant: `visible == durable + pending applied in order`; a synced write moves every
 //! pending batch (and itself) into `durable`.
 
-use super::engine::{in_range, Cf, EngineError, KvEngine, KvPairs, WriteBatch, WriteOp};
+use super::engine::{in_range, Cf, EngineError, KvEngine, KvPair, KvPairs, WriteBatch, WriteOp};
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
 
@@ -103,7 +103,7 @@ impl KvEngine for MemEngine {
         Ok(scan_tables(&self.lock().visible, cf, start, end, limit))
     }
 
-    fn last(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, EngineError> {
+    fn last(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<KvPair>, EngineError> {
         let inner = self.lock();
         let Some(t) = inner.visible.get(&cf) else { return Ok(None) };
         let found = if end.is_empty() {

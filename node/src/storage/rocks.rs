@@ -4,7 +4,7 @@
 //! through the write-ahead log with `sync = true`; unsynced ones still go through the WAL
 //! (never `disable_wal`), so a later synced write makes them durable too.
 
-use super::engine::{Cf, EngineError, KvEngine, KvPairs, WriteBatch, WriteOp};
+use super::engine::{Cf, EngineError, KvEngine, KvPair, KvPairs, WriteBatch, WriteOp};
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteOptions, DB};
 use std::path::Path;
 use std::sync::Arc;
@@ -80,7 +80,7 @@ impl KvEngine for RocksEngine {
         scan_with(iter, end, limit)
     }
 
-    fn last(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<(Vec<u8>, Vec<u8>)>, EngineError> {
+    fn last(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<KvPair>, EngineError> {
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(start.to_vec());
         let mode = if end.is_empty() { IteratorMode::End } else { IteratorMode::From(end, Direction::Reverse) };
