@@ -2,6 +2,7 @@
 //! environment variable. Binary-only code: errors are `anyhow`.
 
 use crate::docs::Limits;
+use crate::raft::host::RaftTuning;
 use crate::server::{self, NodeConfig, RunningNode};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -75,6 +76,12 @@ pub struct StartArgs {
     /// Cluster name; nodes refuse raft messages from another cluster.
     #[arg(long, env = "FLOE_CLUSTER_ID", default_value = "floe")]
     pub cluster_id: String,
+    /// Applied entries between snapshots of a group (etcd's --snapshot-count).
+    #[arg(long, env = "FLOE_SNAPSHOT_COUNT", default_value_t = RaftTuning::default().snapshot_logs_since_last)]
+    pub snapshot_count: u64,
+    /// Log entries kept behind a snapshot for lagging followers.
+    #[arg(long, env = "FLOE_SNAPSHOT_KEEP_LOGS", default_value_t = RaftTuning::default().logs_kept_after_snapshot)]
+    pub snapshot_keep_logs: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -155,6 +162,7 @@ pub fn dev_node_config(args: &DevArgs, k: u64) -> NodeConfig {
         initial_cluster: (1..=args.nodes).map(|i| (i, grpc(i))).collect(),
         cluster_id: "floe-dev".into(),
         limits: Limits::default(),
+        tuning: RaftTuning::default(),
     }
 }
 
@@ -190,6 +198,11 @@ pub async fn run_start(args: StartArgs) -> Result<()> {
         initial_cluster: parse_initial_cluster(&args.initial_cluster)?,
         cluster_id: args.cluster_id,
         limits: Limits::default(),
+        tuning: RaftTuning {
+            snapshot_logs_since_last: args.snapshot_count.max(1),
+            logs_kept_after_snapshot: args.snapshot_keep_logs,
+            ..RaftTuning::default()
+        },
     };
     let node = server::start(cfg).await?;
     println!("floe node {} gRPC {} HTTP {}", args.node_id, node.grpc_addr, node.http_addr);

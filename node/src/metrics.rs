@@ -82,7 +82,7 @@ impl Metrics {
             "# HELP floe_raft_state Raft role per group (0 follower, 1 candidate, 2 leader, 3 learner, 4 shutdown)."
         );
         let _ = writeln!(out, "# TYPE floe_raft_state gauge");
-        let mut lines = Vec::new();
+        let mut gauges: Vec<(u64, [(&str, u64); 5])> = Vec::new();
         for g in host.group_ids() {
             let Some(h) = host.group(g) else { continue };
             let m = h.raft.metrics().borrow().clone();
@@ -93,28 +93,26 @@ impl Metrics {
                 openraft::ServerState::Learner => 3,
                 openraft::ServerState::Shutdown => 4,
             };
-            lines.push((
+            gauges.push((
                 g,
-                role,
-                m.current_term,
-                m.last_log_index.unwrap_or(0),
-                m.last_applied.map(|l| l.index).unwrap_or(0),
+                [
+                    ("floe_raft_state", role),
+                    ("floe_raft_term", m.current_term),
+                    ("floe_raft_last_log_index", m.last_log_index.unwrap_or(0)),
+                    ("floe_raft_applied_index", m.last_applied.map(|l| l.index).unwrap_or(0)),
+                    ("floe_raft_snapshot_index", m.snapshot.map(|l| l.index).unwrap_or(0)),
+                ],
             ));
         }
-        for (g, role, ..) in &lines {
-            let _ = writeln!(out, "floe_raft_state{{group=\"{g}\"}} {role}");
-        }
-        let _ = writeln!(out, "# TYPE floe_raft_term gauge");
-        for (g, _, term, ..) in &lines {
-            let _ = writeln!(out, "floe_raft_term{{group=\"{g}\"}} {term}");
-        }
-        let _ = writeln!(out, "# TYPE floe_raft_last_log_index gauge");
-        for (g, _, _, last, _) in &lines {
-            let _ = writeln!(out, "floe_raft_last_log_index{{group=\"{g}\"}} {last}");
-        }
-        let _ = writeln!(out, "# TYPE floe_raft_applied_index gauge");
-        for (g, .., applied) in &lines {
-            let _ = writeln!(out, "floe_raft_applied_index{{group=\"{g}\"}} {applied}");
+        for i in 0..5 {
+            if i > 0 {
+                if let Some((_, values)) = gauges.first() {
+                    let _ = writeln!(out, "# TYPE {} gauge", values[i].0);
+                }
+            }
+            for (g, values) in &gauges {
+                let _ = writeln!(out, "{}{{group=\"{g}\"}} {}", values[i].0, values[i].1);
+            }
         }
         let stats = host.writer_stats();
         let _ = writeln!(out, "# HELP floe_log_syncs_total Synced log writes (fsyncs) and the batches they carried.");

@@ -12,13 +12,13 @@ use crate::catalog::{CatalogCommand, NodeInfo, ShardDesc};
 use crate::docs::Limits;
 use crate::keys;
 use crate::metrics::Metrics;
-use crate::raft::host::{HostConfig, RaftHost};
+use crate::raft::host::{HostConfig, RaftHost, RaftTuning};
 use crate::raft::types::{Command, NodeId};
 use crate::storage::group_commit::GroupCommit;
 use crate::storage::rocks::RocksEngine;
 use crate::storage::Engine;
 use crate::transport::grpc::{GrpcTransport, RaftTransportService};
-use crate::transport::Inbound;
+use crate::transport::{Inbound, Transport};
 use floe_proto::internal::raft_transport_server::RaftTransportServer;
 use floe_proto::v1::admin_server::AdminServer;
 use floe_proto::v1::documents_server::DocumentsServer;
@@ -43,6 +43,7 @@ pub struct NodeConfig {
     pub initial_cluster: BTreeMap<NodeId, String>,
     pub cluster_id: String,
     pub limits: Limits,
+    pub tuning: RaftTuning,
 }
 
 /// Why a node could not start.
@@ -102,12 +103,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         Arc::new(RocksEngine::open(&config.data_dir.join("db")).map_err(|e| StartError::Storage(e.to_string()))?);
     let writer = GroupCommit::spawn_thread(engine.clone()).map_err(|e| StartError::Storage(e.to_string()))?;
     let transport = Arc::new(GrpcTransport::new());
-    let host = RaftHost::new(HostConfig::new(config.node_id, config.cluster_id.clone()), engine, writer, transport);
-    for g in [keys::META_GROUP, keys::FIRST_SHARD] {
-        host.start_group(g, keys::initial_group_range(g)).await.map_err(|e| StartError::Raft(e.to_string()))?;
-    }
-    let metrics = Arc::new(Metrics::new());
-    let api = Arc::new(NodeApi::new(config.node_id, config.limits, host.clone(), metrics));
+    let (host, api) = build_core(&config, engine, writer, transport).await?;
 
     let grpc_listener = bind(&config.grpc_addr).await?;
     let http_listener = bind(&config.http_addr).await?;
@@ -119,19 +115,47 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     let mut tasks = Vec::new();
     tasks.push(tokio::spawn(serve_grpc(grpc_listener, api.clone(), host.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(serve_http(http_listener, api.clone(), stop_rx.clone())));
+    bootstrap(&config, &host).await?;
+    let http = if config.http_addr.ends_with(":0") { http_addr.to_string() } else { config.http_addr.clone() };
+    tasks.push(tokio::spawn(register(config.clone(), http, host.clone(), stop_rx)));
+    Ok(RunningNode { api, host, grpc_addr, http_addr, stop, tasks })
+}
 
-    if Some(config.node_id) == config.initial_cluster.keys().next().copied() {
-        let members: BTreeMap<NodeId, BasicNode> =
-            config.initial_cluster.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
-        for g in [keys::META_GROUP, keys::FIRST_SHARD] {
-            let fresh = host.initialize(g, members.clone()).await.map_err(|e| StartError::Raft(e.to_string()))?;
-            if fresh {
-                tracing::info!(group = g, members = ?config.initial_cluster, "initialized raft group");
-            }
+/// Builds a node's raft host (meta group and first shard started) and its `NodeApi` over the
+/// given engine, log writer and transport, without any server. This is the seam the
+/// simulator uses: it passes an in-memory engine, an inline writer and a simulated network,
+/// and calls `NodeApi` and the host's `Inbound` directly.
+pub async fn build_core(
+    config: &NodeConfig,
+    engine: Engine,
+    writer: GroupCommit,
+    transport: Arc<dyn Transport>,
+) -> Result<(Arc<RaftHost>, Arc<NodeApi>), StartError> {
+    let host_config =
+        HostConfig { node_id: config.node_id, cluster_id: config.cluster_id.clone(), tuning: config.tuning.clone() };
+    let host = RaftHost::new(host_config, engine, writer, transport);
+    for g in [keys::META_GROUP, keys::FIRST_SHARD] {
+        host.start_group(g, keys::initial_group_range(g)).await.map_err(|e| StartError::Raft(e.to_string()))?;
+    }
+    let api = Arc::new(NodeApi::new(config.node_id, config.limits, host.clone(), Arc::new(Metrics::new())));
+    Ok((host, api))
+}
+
+/// On the lowest-id initial member only: initializes the meta group and the first shard with
+/// every initial member, unless they were initialized before (a restart).
+pub async fn bootstrap(config: &NodeConfig, host: &Arc<RaftHost>) -> Result<(), StartError> {
+    if Some(config.node_id) != config.initial_cluster.keys().next().copied() {
+        return Ok(());
+    }
+    let members: BTreeMap<NodeId, BasicNode> =
+        config.initial_cluster.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
+    for g in [keys::META_GROUP, keys::FIRST_SHARD] {
+        let fresh = host.initialize(g, members.clone()).await.map_err(|e| StartError::Raft(e.to_string()))?;
+        if fresh {
+            tracing::info!(group = g, members = ?config.initial_cluster, "initialized raft group");
         }
     }
-    tasks.push(tokio::spawn(register(config.clone(), http_addr, host.clone(), stop_rx)));
-    Ok(RunningNode { api, host, grpc_addr, http_addr, stop, tasks })
+    Ok(())
 }
 
 async fn bind(addr: &str) -> Result<tokio::net::TcpListener, StartError> {
@@ -152,6 +176,7 @@ async fn serve_grpc(
     health_reporter.set_serving::<DocumentsServer<GrpcApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(floe_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1();
     let grpc_api = GrpcApi::new(api.clone());
     let inbound: Arc<dyn Inbound> = Arc::new(host);
@@ -194,7 +219,7 @@ async fn serve_http(listener: tokio::net::TcpListener, api: Arc<NodeApi>, stop: 
 
 /// Writes the bootstrap catalog (first node only) and this node's addresses, retrying until
 /// the meta group accepts them or the node stops.
-async fn register(config: NodeConfig, http_addr: SocketAddr, host: Arc<RaftHost>, stop: watch::Receiver<bool>) {
+pub async fn register(config: NodeConfig, http: String, host: Arc<RaftHost>, stop: watch::Receiver<bool>) {
     let first = Some(config.node_id) == config.initial_cluster.keys().next().copied();
     let mut cmds = Vec::new();
     if first {
@@ -213,7 +238,6 @@ async fn register(config: NodeConfig, http_addr: SocketAddr, host: Arc<RaftHost>
         };
         cmds.push(CatalogCommand::Bootstrap { cluster_id: config.cluster_id.clone(), nodes, shards: vec![shard] });
     }
-    let http = if config.http_addr.ends_with(":0") { http_addr.to_string() } else { config.http_addr.clone() };
     cmds.push(CatalogCommand::RegisterNode(NodeInfo {
         id: config.node_id,
         grpc_addr: config.grpc_addr.clone(),

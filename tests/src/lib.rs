@@ -346,6 +346,11 @@ impl Cluster {
     /// Starts nodes `1..=count` with the same `--initial-cluster` and waits until all are
     /// ready.
     pub async fn start(count: usize) -> anyhow::Result<Cluster> {
+        Self::start_with_args(count, &[]).await
+    }
+
+    /// Like [`Cluster::start`], with `extra_args` appended to every node's `floe start`.
+    pub async fn start_with_args(count: usize, extra_args: &[&str]) -> anyhow::Result<Cluster> {
         let dir = tempfile::Builder::new().prefix("floe-cluster-").tempdir()?;
         let ports = free_ports(2 * count)?;
         let grpc_addrs: Vec<String> = (0..count).map(|index| format!("127.0.0.1:{}", ports[2 * index])).collect();
@@ -360,7 +365,7 @@ impl Cluster {
         for index in 0..count {
             let node_id = (index + 1) as u64;
             let data_dir = cluster.dir.path().join(format!("node{node_id}"));
-            let args = vec![
+            let mut args = vec![
                 "start".to_owned(),
                 "--node-id".to_owned(),
                 node_id.to_string(),
@@ -373,6 +378,7 @@ impl Cluster {
                 "--initial-cluster".to_owned(),
                 initial_cluster.clone(),
             ];
+            args.extend(extra_args.iter().map(|a| a.to_string()));
             let process = FloeProcess::spawn(
                 &format!("node{node_id}"),
                 args,

@@ -386,3 +386,50 @@ async fn grpc_client_flow() {
     let status = client.cluster_status().await.expect("cluster status");
     assert_eq!(status.nodes.len(), 1, "{status:?}");
 }
+
+/// Proves gRPC health reports SERVING and server reflection lists the Floe services, so
+/// grpcurl and load balancers work without the .proto files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_health_and_reflection() {
+    tokio::time::timeout(TEST_TIMEOUT, health_and_reflection_flow()).await.expect("test finished within TEST_TIMEOUT");
+}
+
+async fn health_and_reflection_flow() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{health_check_response::ServingStatus, HealthCheckRequest};
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+
+    let node = DevNode::start().await.expect("floe dev starts");
+    let channel = tonic::transport::Endpoint::from_shared(node.process.grpc_endpoint())
+        .expect("endpoint")
+        .connect()
+        .await
+        .expect("connect");
+    let health = HealthClient::new(channel.clone())
+        .check(HealthCheckRequest { service: "floe.v1.Documents".into() })
+        .await
+        .expect("health check")
+        .into_inner();
+    assert_eq!(health.status, ServingStatus::Serving as i32);
+
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut replies = ServerReflectionClient::new(channel)
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .expect("reflection stream")
+        .into_inner();
+    let reply = replies.message().await.expect("reflection reply").expect("one reply");
+    let Some(MessageResponse::ListServicesResponse(list)) = reply.message_response else {
+        panic!("unexpected reflection reply {reply:?}");
+    };
+    let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+    for want in ["floe.v1.Documents", "floe.v1.Admin", "grpc.health.v1.Health"] {
+        assert!(names.iter().any(|n| n == want), "reflection lists {names:?}, missing {want}");
+    }
+}

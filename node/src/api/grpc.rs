@@ -29,6 +29,9 @@ impl GrpcApi {
             Err(e) => e.code(),
         };
         self.api.metrics.observe(op, code, started.elapsed());
+        if let Err(ApiError::Internal { message }) = &r {
+            tracing::error!(node = self.api.node_id, op, error = %message, "request failed with an internal error");
+        }
         r.map(Response::new).map_err(|e| e.to_status())
     }
 }

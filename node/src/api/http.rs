@@ -179,6 +179,9 @@ async fn respond(api: &NodeApi, op: &'static str, work: impl Future<Output = Res
         Err(e) => (e.code, e.into_response()),
     };
     api.metrics.observe(op, code, started.elapsed());
+    if code == "internal" {
+        tracing::error!(node = api.node_id, op, "request failed with an internal error");
+    }
     response
 }
 

@@ -54,6 +54,9 @@ pub struct DocView {
     pub json: String,
 }
 
+/// Batch get results in request order: each id with its document, `None` when absent.
+pub type BatchGetItems = Vec<(String, Option<DocView>)>;
+
 /// What every response carries besides its payload.
 #[derive(Clone, Debug, PartialEq, Default)]
 pub struct ResponseMeta {
@@ -214,6 +217,7 @@ impl NodeApi {
     }
 
     /// Reads one document.
+    #[tracing::instrument(level = "debug", skip_all, fields(node = self.node_id, collection = %collection, shard = tracing::field::Empty))]
     pub async fn get(
         &self,
         tenant: &str,
@@ -227,6 +231,7 @@ impl NodeApi {
         let strong = *consistency == ReadConsistency::Strong;
         self.require_collection(tenant, collection, strong).await?;
         let group = self.route(&keys::doc_key(tenant, collection, id))?;
+        tracing::Span::current().record("shard", group);
         self.record_load(group);
         let position = self.read_position(group, consistency).await?;
         match self.read_doc(tenant, collection, id)? {
@@ -241,13 +246,14 @@ impl NodeApi {
     }
 
     /// Reads many documents of one collection; absent ones are `None`, in request order.
+    #[tracing::instrument(level = "debug", skip_all, fields(node = self.node_id, collection = %collection))]
     pub async fn batch_get(
         &self,
         tenant: &str,
         collection: &str,
         ids: &[String],
         consistency: &ReadConsistency,
-    ) -> Result<(Vec<(String, Option<DocView>)>, ResponseMeta), ApiError> {
+    ) -> Result<(BatchGetItems, ResponseMeta), ApiError> {
         let tenant = tenant_or_default(tenant);
         self.check_tenant_collection(tenant, collection)?;
         if ids.len() > self.limits.batch_ops_max {
@@ -310,6 +316,7 @@ impl NodeApi {
     }
 
     /// Applies writes atomically (all in one shard). Returns one result per write.
+    #[tracing::instrument(level = "debug", skip_all, fields(node = self.node_id, collection = tracing::field::Empty, shard = tracing::field::Empty, ops = writes.len()))]
     pub async fn write(
         &self,
         tenant: &str,
@@ -348,6 +355,11 @@ impl NodeApi {
             group = Some(g);
         }
         let group = group.unwrap_or(keys::FIRST_SHARD);
+        let span = tracing::Span::current();
+        span.record("shard", group);
+        if let Some(first) = ops.first() {
+            span.record("collection", first.collection.as_str());
+        }
         let collections: std::collections::BTreeSet<&str> = ops.iter().map(|o| o.collection.as_str()).collect();
         for c in collections {
             self.ensure_collection(&tenant, c).await?;
@@ -463,7 +475,7 @@ impl NodeApi {
 
     /// Bound on how long a request handler may run in total.
     pub fn request_timeout(&self) -> Duration {
-        self.host.config.request_timeout
+        self.host.config.tuning.request_timeout
     }
 }
 

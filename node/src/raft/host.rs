@@ -27,32 +27,40 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, watch};
 
-/// Bounds and timings of the host.
-#[derive(Clone, Debug)]
-pub struct HostConfig {
-    pub node_id: NodeId,
-    pub cluster_id: String,
+/// Timings and bounds of raft groups, the same for every group on a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RaftTuning {
     pub heartbeat_interval_ms: u64,
     pub election_timeout_min_ms: u64,
     pub election_timeout_max_ms: u64,
     /// Upper bound on one proposal or read-index round, forwarding and retries included.
     pub request_timeout: Duration,
-    /// Entries between snapshots.
+    /// Entries applied between snapshots.
     pub snapshot_logs_since_last: u64,
+    /// Entries kept in the log behind a snapshot (lagging followers catch up from the log
+    /// instead of a snapshot while they are within this distance).
+    pub logs_kept_after_snapshot: u64,
 }
 
-impl HostConfig {
-    pub fn new(node_id: NodeId, cluster_id: impl Into<String>) -> Self {
+impl Default for RaftTuning {
+    fn default() -> Self {
         Self {
-            node_id,
-            cluster_id: cluster_id.into(),
             heartbeat_interval_ms: 100,
             election_timeout_min_ms: 600,
             election_timeout_max_ms: 1200,
             request_timeout: Duration::from_secs(5),
             snapshot_logs_since_last: 10_000,
+            logs_kept_after_snapshot: 2_000,
         }
     }
+}
+
+/// Identity and tuning of a host.
+#[derive(Clone, Debug)]
+pub struct HostConfig {
+    pub node_id: NodeId,
+    pub cluster_id: String,
+    pub tuning: RaftTuning,
 }
 
 /// Why a proposal or read could not be served by the group.
@@ -162,13 +170,13 @@ impl RaftHost {
     fn raft_config(&self) -> Result<Arc<openraft::Config>, String> {
         let c = openraft::Config {
             cluster_name: self.config.cluster_id.clone(),
-            heartbeat_interval: self.config.heartbeat_interval_ms,
-            election_timeout_min: self.config.election_timeout_min_ms,
-            election_timeout_max: self.config.election_timeout_max_ms,
+            heartbeat_interval: self.config.tuning.heartbeat_interval_ms,
+            election_timeout_min: self.config.tuning.election_timeout_min_ms,
+            election_timeout_max: self.config.tuning.election_timeout_max_ms,
             install_snapshot_timeout: 10_000,
             max_payload_entries: 512,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.config.snapshot_logs_since_last),
-            max_in_snapshot_log_to_keep: 2_000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.config.tuning.snapshot_logs_since_last),
+            max_in_snapshot_log_to_keep: self.config.tuning.logs_kept_after_snapshot,
             purge_batch_size: 256,
             ..Default::default()
         };
@@ -229,7 +237,7 @@ impl RaftHost {
 
     async fn propose_local(&self, group: GroupId, cmd: Command) -> ForwardResponse {
         let Some(h) = self.group(group) else { return ForwardResponse::Failed(GroupError::UnknownGroup(group)) };
-        let timeout = self.config.request_timeout;
+        let timeout = self.config.tuning.request_timeout;
         match tokio::time::timeout(timeout, h.raft.client_write(cmd)).await {
             Err(_) => ForwardResponse::Failed(GroupError::Timeout { group, timeout_ms: timeout.as_millis() as u64 }),
             Ok(Ok(resp)) => ForwardResponse::Proposed { index: resp.log_id.index, response: resp.data },
@@ -255,7 +263,7 @@ impl RaftHost {
                 retry_safe: true,
             });
         }
-        let timeout = self.config.request_timeout;
+        let timeout = self.config.tuning.request_timeout;
         match tokio::time::timeout(timeout, rx).await {
             Err(_) => ForwardResponse::Failed(GroupError::Timeout { group, timeout_ms: timeout.as_millis() as u64 }),
             Ok(Err(_)) => ForwardResponse::Failed(GroupError::Unavailable {
@@ -274,7 +282,7 @@ impl RaftHost {
     /// Runs `req` on the group leader: here if this node leads, else forwarded. Retries with
     /// the leader hint it learns, bounded by the request timeout.
     async fn on_leader(&self, group: GroupId, req: ForwardRequest) -> Result<ForwardResponse, GroupError> {
-        let deadline = tokio::time::Instant::now() + self.config.request_timeout;
+        let deadline = tokio::time::Instant::now() + self.config.tuning.request_timeout;
         let mut hint: Option<(NodeId, String)> = None;
         let mut attempt = 0u32;
         let mut retry_safe = true;
@@ -360,7 +368,7 @@ impl RaftHost {
             _ => return Err(GroupError::Unavailable { group, reason: "no leader elected".into(), retry_safe: true }),
         };
         let h = self.group(group).ok_or(GroupError::UnknownGroup(group))?;
-        if h.wait_applied(index, self.config.request_timeout).await {
+        if h.wait_applied(index, self.config.tuning.request_timeout).await {
             Ok(index)
         } else {
             Err(GroupError::Unavailable {
