@@ -51,6 +51,127 @@ pub enum Command {
     /// Exit codes: 0 linearizable, 1 not linearizable, 2 unreadable or invalid input,
     /// 3 unknown (a key exhausted its search budget).
     Check(CheckArgs),
+    /// Run simulated clusters of real node code from seeds, with faults, and check them.
+    ///
+    /// Prints one line per seed with its trace hash, then a summary; exits 1 if any seed
+    /// found a violation.
+    Run(RunArgs),
+}
+
+/// Arguments of `floe-sim run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// One seed.
+    #[arg(long, conflicts_with = "seeds")]
+    pub seed: Option<u64>,
+    /// A seed range `A..B` (B exclusive).
+    #[arg(long)]
+    pub seeds: Option<String>,
+    /// Nodes in the cluster.
+    #[arg(long, default_value_t = 3)]
+    pub nodes: u64,
+    /// Client operations per seed.
+    #[arg(long, default_value_t = 300)]
+    pub ops: u64,
+    /// Concurrent clients.
+    #[arg(long, default_value_t = 4)]
+    pub clients: u64,
+    /// Documents (registers) the clients share.
+    #[arg(long, default_value_t = 4)]
+    pub keys: u64,
+    /// Fault injection: `all` (crashes, partitions, one-way cuts, loss/duplication/delay) or `none`.
+    #[arg(long, default_value = "all")]
+    pub faults: String,
+    /// Plant a known bug (needs the `planted-bugs` feature): stale-strong-read, ack-before-commit.
+    #[arg(long)]
+    pub plant: Option<String>,
+    /// Write each violating seed's history here as `seed-N.jsonl`.
+    #[arg(long)]
+    pub history_dir: Option<PathBuf>,
+}
+
+/// Parses `A..B` into a range.
+pub fn parse_seed_range(text: &str) -> Result<std::ops::Range<u64>, String> {
+    let (a, b) = text.split_once("..").ok_or_else(|| format!("{text:?} is not A..B"))?;
+    let a: u64 = a.trim().parse().map_err(|e| format!("seed range start {a:?}: {e}"))?;
+    let b: u64 = b.trim().parse().map_err(|e| format!("seed range end {b:?}: {e}"))?;
+    if b <= a {
+        return Err(format!("empty seed range {text:?}"));
+    }
+    Ok(a..b)
+}
+
+/// Runs the seeds of `args`, printing per-seed lines and a summary to `out`. Returns true when
+/// every seed passed.
+pub fn run_seeds(args: &RunArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
+    let seeds = match (&args.seed, &args.seeds) {
+        (Some(s), _) => *s..*s + 1,
+        (None, Some(r)) => parse_seed_range(r).map_err(anyhow::Error::msg)?,
+        (None, None) => 0..1,
+    };
+    let faults = match args.faults.as_str() {
+        "all" => true,
+        "none" => false,
+        other => anyhow::bail!("--faults {other:?}: expected all or none"),
+    };
+    floe_node::planted::plant(args.plant.as_deref()).map_err(anyhow::Error::msg)?;
+    let (mut ops, mut sim, mut wall, mut bad, mut fault_total) = (0u64, 0f64, 0f64, Vec::new(), 0u64);
+    for seed in seeds.clone() {
+        let config = crate::run::RunConfig {
+            seed,
+            nodes: args.nodes,
+            ops: args.ops,
+            clients: args.clients,
+            keys: args.keys,
+            faults,
+        };
+        let report = crate::run::run_seed(&config).map_err(anyhow::Error::msg)?;
+        ops += report.ops_ok + report.ops_failed + report.ops_unknown;
+        sim += report.sim_time.as_secs_f64();
+        wall += report.wall_time.as_secs_f64();
+        fault_total += report.faults;
+        writeln!(
+            out,
+            "seed {seed}: trace-hash: {:016x} events {} ops ok/fail/unknown {}/{}/{} faults {} sim {:.1}s wall {:.2}s verdict {:?}",
+            report.trace_hash,
+            report.trace_events,
+            report.ops_ok,
+            report.ops_failed,
+            report.ops_unknown,
+            report.faults,
+            report.sim_time.as_secs_f64(),
+            report.wall_time.as_secs_f64(),
+            report.verdict
+        )?;
+        if !report.violations.is_empty() || report.verdict == Verdict::NotLinearizable {
+            for v in &report.violations {
+                writeln!(out, "  violation: {v}")?;
+            }
+            writeln!(
+                out,
+                "  replay: floe-sim run --seed {seed} --nodes {} --ops {} --clients {} --keys {} --faults {}",
+                args.nodes, args.ops, args.clients, args.keys, args.faults
+            )?;
+            if let Some(dir) = &args.history_dir {
+                std::fs::create_dir_all(dir)?;
+                let lines: Vec<String> = report.history.iter().map(|e| e.to_json_line()).collect();
+                std::fs::write(dir.join(format!("seed-{seed}.jsonl")), lines.join("\n") + "\n")?;
+            }
+            bad.push(seed);
+        }
+    }
+    let n = seeds.end - seeds.start;
+    writeln!(
+        out,
+        "summary: seeds {n} operations {ops} faults {fault_total} simulated {sim:.1}s wall {wall:.2}s speed-up {:.0}x seeds/min {:.0} violations {}",
+        if wall > 0.0 { sim / wall } else { 0.0 },
+        if wall > 0.0 { n as f64 * 60.0 / wall } else { 0.0 },
+        bad.len()
+    )?;
+    if !bad.is_empty() {
+        writeln!(out, "violating seeds: {bad:?}")?;
+    }
+    Ok(bad.is_empty())
 }
 
 /// Arguments of `floe-sim check`.

@@ -7,8 +7,13 @@
 //!
 //! Invariants: `history` and `linearizability` are pure and deterministic (no I/O, no clock,
 //! no randomness, no unbounded search); only `cli` reads files and writes to the terminal.
-//! The simulator proper (running the node code) is not here yet.
+//! - [`run`]: one seeded run of real node code ([`cluster`]) on the simulated network
+//!   ([`net`]), with faults, a recorded history, the checks, and the [`trace`] hash.
 
 pub mod cli;
+pub mod cluster;
 pub mod history;
 pub mod linearizability;
+pub mod net;
+pub mod run;
+pub mod trace;

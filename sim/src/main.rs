@@ -28,5 +28,10 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             let verdict = cli::run_check(args, &mut stdout.lock(), &mut stderr.lock())?;
             Ok(ExitCode::from(cli::exit_code(verdict)))
         }
+        Command::Run(args) => {
+            let stdout = std::io::stdout();
+            let passed = cli::run_seeds(args, &mut stdout.lock())?;
+            Ok(if passed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
     }
 }

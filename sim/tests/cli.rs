@@ -32,6 +32,7 @@ fn help_lists_check() {
     assert!(output.status.success());
     let help = String::from_utf8_lossy(&output.stdout);
     assert!(help.contains("check"), "{help}");
+    assert!(help.contains("run"), "{help}");
 }
 
 #[test]
@@ -88,6 +89,8 @@ fn unreadable_history_and_bad_arguments_exit_two() {
     assert!(stderr.contains("cannot read history"), "{stderr}");
     let output = floe_sim(&["check"]);
     assert_eq!(output.status.code(), Some(2));
-    let output = floe_sim(&["run"]);
+    let output = floe_sim(&["run", "--seeds", "5..2"]);
+    assert_eq!(output.status.code(), Some(2), "an empty seed range is bad input");
+    let output = floe_sim(&["replay"]);
     assert_eq!(output.status.code(), Some(2), "no fake subcommands");
 }

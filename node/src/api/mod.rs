@@ -194,6 +194,9 @@ impl NodeApi {
     /// Reads the position a read must reflect, per consistency level.
     async fn read_position(&self, group: GroupId, consistency: &ReadConsistency) -> Result<u64, ApiError> {
         match consistency {
+            ReadConsistency::Strong if crate::planted::is_planted("stale-strong-read") => {
+                Ok(self.host.group(group).map(|g| g.applied_index()).unwrap_or(0))
+            }
             ReadConsistency::Strong => Ok(self.host.linearizable_position(group).await?),
             ReadConsistency::Eventual => Ok(self.host.group(group).map(|g| g.applied_index()).unwrap_or(0)),
             ReadConsistency::BoundedStaleness { .. } | ReadConsistency::Session { .. } => Err(ApiError::invalid(
@@ -366,6 +369,9 @@ impl NodeApi {
         }
         self.record_load(group);
         let batch = DocBatch { tenant, ops, limits: self.limits };
+        if crate::planted::is_planted("ack-before-commit") {
+            return Ok(self.ack_before_commit(group, batch, bytes));
+        }
         let (index, resp) = self.host.propose(group, Command::Docs(batch)).await?;
         match resp {
             CommandResponse::Docs(Ok(results)) => {
@@ -381,6 +387,20 @@ impl NodeApi {
             }
             other => Err(ApiError::Internal { message: format!("unexpected apply result {other:?}") }),
         }
+    }
+
+    /// Planted bug `ack-before-commit`: hands the batch to raft and acknowledges at once.
+    fn ack_before_commit(&self, group: GroupId, batch: DocBatch, bytes: usize) -> (Vec<DocWriteResult>, ResponseMeta) {
+        let results = batch
+            .ops
+            .iter()
+            .map(|o| DocWriteResult { collection: o.collection.clone(), id: o.id.clone(), version: 0, json: None })
+            .collect();
+        let host = self.host.clone();
+        tokio::spawn(async move {
+            let _ = host.propose(group, Command::Docs(batch)).await;
+        });
+        (results, self.meta_for(group, 0, write_units(bytes)))
     }
 
     async fn propose_catalog(&self, cmd: CatalogCommand) -> Result<CatalogResponse, ApiError> {

@@ -119,11 +119,19 @@ fn apply_one(
             check_expected(current, *expected)?;
             let patch: json_patch::Patch = serde_json::from_str(patch)
                 .map_err(|e| DocError::InvalidPatch(format!("not an RFC 6902 operation list: {e}")))?;
+            if patch.0.len() > JSON_PATCH_OPS_MAX {
+                return Err(DocError::InvalidPatch(format!(
+                    "{} operations, the limit is {JSON_PATCH_OPS_MAX}",
+                    patch.0.len()
+                )));
+            }
             let mut value = parse_stored(doc)?;
-            json_patch::patch(&mut value, &patch).map_err(|e| match e.kind {
-                json_patch::PatchErrorKind::TestFailed => DocError::PatchTestFailed(e.to_string()),
-                _ => DocError::InvalidPatch(e.to_string()),
-            })?;
+            for (i, op) in patch.0.iter().enumerate() {
+                apply_json_patch_op(&mut value, op, i)?;
+                // Checked after every operation: `copy` doubles a document per step, so the
+                // result must never be allowed to grow far past the limit first.
+                limits::check_bounds(&value, lim)?;
+            }
             Ok(Some(limits::check_value(&value, lim)?))
         }
         DocAction::Delete { expected } => {
@@ -131,6 +139,30 @@ fn apply_one(
             check_expected(current, *expected)?;
             Ok(None)
         }
+    }
+}
+
+/// Most operations in one RFC 6902 patch (each is checked against the limits as it applies).
+pub const JSON_PATCH_OPS_MAX: usize = 256;
+
+/// Applies one JSON patch operation to a private copy. Uses the library's no-undo variant
+/// (its undo path can panic on moves into a parent, json-patch 4.2 `unreachable!`) and turns
+/// any panic into a refused patch, so hostile input can never take a replica down.
+fn apply_json_patch_op(
+    value: &mut serde_json::Value,
+    op: &json_patch::PatchOperation,
+    index: usize,
+) -> Result<(), DocError> {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        json_patch::patch_unsafe(value, std::slice::from_ref(op))
+    }));
+    match outcome {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(match e.kind {
+            json_patch::PatchErrorKind::TestFailed => DocError::PatchTestFailed(format!("operation {index}: {e}")),
+            _ => DocError::InvalidPatch(format!("operation {index}: {e}")),
+        }),
+        Err(_) => Err(DocError::InvalidPatch(format!("operation {index} cannot be applied to this document"))),
     }
 }
 
@@ -232,6 +264,33 @@ mod tests {
         let e = s.run(vec![op("a", DocAction::Put { json: "{}".into(), expected: Some(3) })]).unwrap_err();
         assert_eq!(e.error, DocError::VersionMismatch { expected: 3, actual: None });
         assert!(s.get("a").is_none());
+    }
+
+    /// Regression (review): a failing `test` after a move into the parent made json-patch's
+    /// undo hit `unreachable!`, panicking every replica on apply; `copy` of the root doubled
+    /// the document per operation.
+    #[test]
+    fn hostile_json_patches_are_refused_without_panicking() {
+        let mut s = Store::new();
+        s.run(vec![op("a", DocAction::Put { json: r#"{"a":{"b":1}}"#.into(), expected: None })]).unwrap();
+        let before = s.get("a").cloned();
+        let hostile = [
+            r#"[{"op":"move","from":"/a/b","path":"/a"},{"op":"test","path":"/a","value":2}]"#.to_string(),
+            r#"[{"op":"move","from":"/a","path":""},{"op":"test","path":"/x","value":2}]"#.to_string(),
+            format!(
+                "[{}]",
+                (0..40).map(|i| format!(r#"{{"op":"copy","from":"","path":"/k{i}"}}"#)).collect::<Vec<_>>().join(",")
+            ),
+            format!("[{}]", vec![r#"{"op":"test","path":"/a/b","value":1}"#; 300].join(",")),
+        ];
+        for patch in hostile {
+            let e = s.run(vec![op("a", DocAction::JsonPatch { patch: patch.clone(), expected: None })]).unwrap_err();
+            assert!(
+                matches!(e.error, DocError::PatchTestFailed(_) | DocError::InvalidPatch(_) | DocError::TooLarge { .. }),
+                "{patch}: {e:?}"
+            );
+            assert_eq!(s.get("a").cloned(), before, "a refused patch changes nothing");
+        }
     }
 
     #[test]

@@ -150,6 +150,41 @@ pub fn check_value(value: &serde_json::Value, limits: &Limits) -> Result<String,
     Ok(text)
 }
 
+/// Cheap, non-recursive check that `value` is within the nesting limit and that its JSON
+/// text cannot be under the size limit (a lower bound of the serialized size is computed,
+/// stopping as soon as either limit is passed).
+pub fn check_bounds(value: &serde_json::Value, limits: &Limits) -> Result<(), DocError> {
+    use serde_json::Value;
+    let mut size = 0usize;
+    let mut stack: Vec<(&Value, usize)> = vec![(value, 0)];
+    while let Some((v, depth)) = stack.pop() {
+        let (own, children_depth) = match v {
+            Value::Null | Value::Bool(_) => (4, depth),
+            Value::Number(_) => (1, depth),
+            Value::String(s) => (s.len() + 2, depth),
+            Value::Array(items) => {
+                stack.extend(items.iter().map(|i| (i, depth + 1)));
+                (2 + items.len(), depth + 1)
+            }
+            Value::Object(map) => {
+                for (k, item) in map {
+                    size += k.len() + 3;
+                    stack.push((item, depth + 1));
+                }
+                (2, depth + 1)
+            }
+        };
+        size += own;
+        if children_depth > limits.nesting_depth_max {
+            return Err(DocError::TooDeep { depth: children_depth, limit: limits.nesting_depth_max });
+        }
+        if size > limits.doc_bytes_max {
+            return Err(DocError::TooLarge { size_bytes: size, limit_bytes: limits.doc_bytes_max });
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -174,6 +209,20 @@ mod tests {
         assert!(check_name("collection", ".system", &l).is_err());
         assert!(check_name("collection", "a/b", &l).is_err());
         assert!(check_name("collection", "a\0", &l).is_err());
+    }
+
+    #[test]
+    fn bounds_agree_with_the_text_checks() {
+        let l = Limits::default();
+        let ok: serde_json::Value = serde_json::from_str(r#"{"a":[1,{"b":"x"}],"c":null}"#).unwrap();
+        assert!(check_bounds(&ok, &l).is_ok());
+        let deep: serde_json::Value =
+            serde_json::from_str(&format!("{{\"a\":{}{}}}", "[".repeat(64), "]".repeat(64))).unwrap();
+        assert!(matches!(check_bounds(&deep, &l), Err(DocError::TooDeep { .. })));
+        assert!(matches!(check_value(&deep, &l), Err(DocError::TooDeep { .. })));
+        let small = Limits { doc_bytes_max: 10, ..Limits::default() };
+        let big: serde_json::Value = serde_json::json!({"k": "0123456789"});
+        assert!(matches!(check_bounds(&big, &small), Err(DocError::TooLarge { .. })));
     }
 
     #[test]

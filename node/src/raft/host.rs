@@ -14,6 +14,7 @@ use super::log_store::LogStore;
 use super::network::{GroupNetworkFactory, SnapshotHeader};
 use super::state_machine::GroupStateMachine;
 use super::types::{Command, CommandResponse, GroupId, NodeId, Raft, TypeConfig};
+use crate::signal::Progress;
 use crate::storage::group_commit::GroupCommit;
 use crate::storage::Engine;
 use crate::transport::{Envelope, Inbound, RpcKind, Transport, TransportError};
@@ -25,7 +26,7 @@ use std::collections::BTreeMap;
 use std::io::Cursor;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 
 /// Timings and bounds of raft groups, the same for every group on a node.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,7 +46,9 @@ pub struct RaftTuning {
 impl Default for RaftTuning {
     fn default() -> Self {
         Self {
-            heartbeat_interval_ms: 100,
+            // Also openraft 0.9's timeout for one AppendEntries round trip, follower fsync
+            // included: keep it well above a slow fsync on a busy disk.
+            heartbeat_interval_ms: 200,
             election_timeout_min_ms: 600,
             election_timeout_max_ms: 1200,
             request_timeout: Duration::from_secs(5),
@@ -104,7 +107,7 @@ enum LocalReadError {
 pub struct GroupHandle {
     pub group: GroupId,
     pub raft: Raft,
-    applied: watch::Receiver<u64>,
+    applied: Arc<Progress>,
     reads: mpsc::Sender<ReadWaiter>,
 }
 
@@ -122,13 +125,12 @@ impl GroupHandle {
     }
 
     pub fn applied_index(&self) -> u64 {
-        *self.applied.borrow()
+        self.applied.get()
     }
 
     /// Waits until this replica applied `index`, up to `timeout`.
     pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
-        let mut rx = self.applied.clone();
-        tokio::time::timeout(timeout, rx.wait_for(|a| *a >= index)).await.map(|r| r.is_ok()).unwrap_or(false)
+        tokio::time::timeout(timeout, self.applied.wait_at_least(index)).await.is_ok()
     }
 }
 
@@ -194,8 +196,8 @@ impl RaftHost {
         }
         let fatal = |reason: String| GroupError::Fatal { group, reason };
         let sm = GroupStateMachine::open(group, self.engine.clone(), range).map_err(|e| fatal(e.to_string()))?;
-        let applied = sm.applied_watch();
-        let log = LogStore::new(group, self.engine.clone(), self.writer.clone());
+        let applied = sm.applied_progress();
+        let log = LogStore::new(group, self.engine.clone(), self.writer.clone(), applied.clone());
         let network = GroupNetworkFactory {
             group,
             node_id: self.config.node_id,
@@ -232,6 +234,10 @@ impl RaftHost {
             self.groups.lock().map(|g| g.values().cloned().collect()).unwrap_or_default();
         for g in groups {
             let _ = g.raft.shutdown().await;
+        }
+        // Dropping the handles ends their read-index tasks.
+        if let Ok(mut registry) = self.groups.lock() {
+            registry.clear();
         }
     }
 

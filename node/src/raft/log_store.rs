@@ -12,12 +12,16 @@
 
 use super::types::{Entry, GroupId, LogId, StorageError, TypeConfig, Vote};
 use crate::keys;
+use crate::signal::Progress;
+use crate::storage::engine::prefix_end;
 use crate::storage::group_commit::GroupCommit;
 use crate::storage::{Cf, Engine, WriteBatch};
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, RaftLogReader, StorageIOError};
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::Arc;
+use std::time::Duration;
 
 /// Log storage of one group.
 #[derive(Clone)]
@@ -25,7 +29,12 @@ pub struct LogStore {
     group: GroupId,
     engine: Engine,
     writer: GroupCommit,
+    /// The group's applied index: a purge waits for it (see `purge`).
+    applied: Arc<Progress>,
 }
+
+/// How long a purge waits for the state machine to apply what it would purge.
+pub const PURGE_WAIT_FOR_APPLY: Duration = Duration::from_secs(10);
 
 fn read_err(e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::read_logs(&e).into()
@@ -35,8 +44,8 @@ fn write_err(e: impl std::error::Error + 'static) -> StorageError {
 }
 
 impl LogStore {
-    pub fn new(group: GroupId, engine: Engine, writer: GroupCommit) -> Self {
-        Self { group, engine, writer }
+    pub fn new(group: GroupId, engine: Engine, writer: GroupCommit, applied: Arc<Progress>) -> Self {
+        Self { group, engine, writer, applied }
     }
 
     fn meta<T: for<'de> serde::Deserialize<'de>>(&self, field: &str) -> Result<Option<T>, StorageError> {
@@ -56,7 +65,7 @@ impl LogStore {
 
     /// One past the last possible key of this group's log.
     fn end_key(&self) -> Vec<u8> {
-        keys::log_key(self.group + 1, 0)
+        prefix_end(&self.group.to_be_bytes())
     }
 }
 
@@ -151,6 +160,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), StorageError> {
+        // openraft hands a snapshot install to the state machine task and may purge right
+        // after, without waiting. Purging a log the state machine has not applied yet would,
+        // after a crash in between, leave `applied < purged` and a replica that cannot start.
+        // A purge is only an optimization, so if the apply does not come in time, skip it.
+        if tokio::time::timeout(PURGE_WAIT_FOR_APPLY, self.applied.wait_at_least(log_id.index)).await.is_err() {
+            tracing::warn!(group = self.group, upto = log_id.index, "log purge skipped: state machine behind");
+            return Ok(());
+        }
         let (k, v) = self.meta_value("purged", &log_id)?;
         let mut b = WriteBatch::new();
         b.put(Cf::RaftMeta, k, v);

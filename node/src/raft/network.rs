@@ -7,7 +7,8 @@
 use super::types::{GroupId, NodeId, Snapshot, TypeConfig, Vote};
 use crate::transport::{Envelope, RpcKind, Transport, TransportError};
 use openraft::error::{
-    Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError, Unreachable,
+    Fatal, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError,
+    Unreachable,
 };
 use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
@@ -95,6 +96,16 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        let entries = rpc.entries.len() as u64;
+        if entries > 1 {
+            // openraft 0.9 bounds one AppendEntries by the heartbeat interval; ask it to send
+            // fewer entries when they would not fit the byte budget (it honours the hint).
+            let bytes: usize = rpc.entries.iter().map(|e| serde_json::to_vec(e).map(|v| v.len()).unwrap_or(0)).sum();
+            if bytes > APPEND_BYTES_MAX {
+                let fit = (entries * APPEND_BYTES_MAX as u64 / bytes as u64).clamp(1, entries - 1);
+                return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
+            }
+        }
         self.rpc(RpcKind::AppendEntries, &rpc, option.hard_ttl()).await
     }
 
@@ -141,6 +152,8 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
     }
 }
 
+/// Byte budget of the entries in one AppendEntries (more entries are split).
+pub const APPEND_BYTES_MAX: usize = 4 << 20;
 /// Upper bound on one snapshot transfer.
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Pause before retrying an unreachable peer.

@@ -20,6 +20,7 @@ use super::types::{
 use crate::catalog;
 use crate::docs::{self, StoredDoc};
 use crate::keys;
+use crate::signal::Progress;
 use crate::storage::engine::in_range;
 use crate::storage::{Cf, Engine, EngineError, WriteBatch};
 use openraft::storage::RaftStateMachine;
@@ -38,8 +39,8 @@ pub struct GroupStateMachine {
     applied: Option<LogId>,
     membership: StoredMembership,
     current_snapshot: StoredSnapshot,
-    /// Notified after every apply, with the last applied index (for waiting readers).
-    applied_tx: tokio::sync::watch::Sender<u64>,
+    /// Advanced after every apply to the last applied index (for waiting readers).
+    applied_progress: Arc<Progress>,
 }
 
 fn sm_read_err(e: impl std::error::Error + 'static) -> StorageError {
@@ -90,13 +91,13 @@ impl GroupStateMachine {
             Some(v) => serde_json::from_slice(&v).map_err(|e| EngineError::Corrupt(format!("membership: {e}")))?,
             None => StoredMembership::default(),
         };
-        let (applied_tx, _) = tokio::sync::watch::channel(applied.map(|l| l.index).unwrap_or(0));
-        Ok(Self { group, engine, range, applied, membership, current_snapshot: Arc::default(), applied_tx })
+        let applied_progress = Arc::new(Progress::new(applied.map(|l| l.index).unwrap_or(0)));
+        Ok(Self { group, engine, range, applied, membership, current_snapshot: Arc::default(), applied_progress })
     }
 
-    /// A receiver of the last applied index, for readers waiting on a position.
-    pub fn applied_watch(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.applied_tx.subscribe()
+    /// The last applied index, for readers waiting on a position.
+    pub fn applied_progress(&self) -> Arc<Progress> {
+        self.applied_progress.clone()
     }
 
     fn put_applied(&self, batch: &mut WriteBatch, log_id: &LogId) -> Result<(), StorageError> {
@@ -208,7 +209,11 @@ impl RaftSnapshotBuilder<TypeConfig> for GroupSnapshotBuilder {
         let (meta, data) =
             self.captured.take().ok_or_else(|| sm_read_err(std::io::Error::other("snapshot builder used twice")))?;
         if let Ok(mut slot) = self.store.lock() {
-            *slot = Some((meta.clone(), data.clone()));
+            // A build captured earlier may finish after a newer snapshot was installed; keep
+            // the newest (openraft's own record only moves forward too).
+            if slot.as_ref().is_none_or(|(stored, _)| stored.last_log_id <= meta.last_log_id) {
+                *slot = Some((meta.clone(), data.clone()));
+            }
         }
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
@@ -254,7 +259,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             responses.push(resp);
         }
         if let Some(a) = self.applied {
-            self.applied_tx.send_replace(a.index);
+            self.applied_progress.advance(a.index);
         }
         Ok(responses)
     }
@@ -313,7 +318,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
             *slot = Some((meta.clone(), data));
         }
         if let Some(a) = self.applied {
-            self.applied_tx.send_replace(a.index);
+            self.applied_progress.advance(a.index);
         }
         Ok(())
     }

@@ -51,6 +51,9 @@ fn apply(tables: &mut Tables, batch: &WriteBatch) {
 
 fn scan_tables(tables: &Tables, cf: Cf, start: &[u8], end: &[u8], limit: usize) -> KvPairs {
     let Some(t) = tables.get(&cf) else { return Vec::new() };
+    if !end.is_empty() && start >= end {
+        return Vec::new();
+    }
     t.range(start.to_vec()..)
         .take_while(|(k, _)| in_range(k, start, end))
         .take(limit)
@@ -106,6 +109,9 @@ impl KvEngine for MemEngine {
     fn last(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<KvPair>, EngineError> {
         let inner = self.lock();
         let Some(t) = inner.visible.get(&cf) else { return Ok(None) };
+        if !end.is_empty() && start >= end {
+            return Ok(None);
+        }
         let found = if end.is_empty() {
             t.range(start.to_vec()..).next_back()
         } else {

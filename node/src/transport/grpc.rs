@@ -58,9 +58,24 @@ impl GrpcTransport {
     }
 }
 
+/// True when `s` came from failing to connect (the request was certainly not sent).
+fn is_connect_error(s: &Status) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
+    while let Some(e) = source {
+        if e.downcast_ref::<tonic::ConnectError>().is_some() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 fn map_status(s: Status, timeout: Duration) -> TransportError {
     match s.code() {
-        tonic::Code::Unavailable => TransportError::Unreachable(s.message().to_string()),
+        // tonic also reports UNAVAILABLE for a connection that broke mid-call; only a failed
+        // connect proves the peer never saw the request.
+        tonic::Code::Unavailable if is_connect_error(&s) => TransportError::Unreachable(s.message().to_string()),
+        tonic::Code::Unavailable => TransportError::Network(s.message().to_string()),
         tonic::Code::DeadlineExceeded | tonic::Code::Cancelled => TransportError::Timeout(timeout),
         tonic::Code::FailedPrecondition => TransportError::Refused(s.message().to_string()),
         _ => TransportError::Network(format!("{}: {}", s.code(), s.message())),

@@ -1,0 +1,129 @@
+//! A cluster of real Floe nodes (`floe_node::server::build_core`) on in-memory engines and
+//! the simulated network, with crash and restart.
+//!
+//! Owns: each node's `MemEngine` (what survives a crash) and its current incarnation (raft
+//! host, API, registration task). A crash stops every raft group of the node, detaches it
+//! from the network and drops every write that was not synced; a restart builds a new
+//! incarnation from what the engine kept, exactly as a restarted process would.
+
+use crate::net::{addr_of, SimNet, SimTransport};
+use floe_node::api::NodeApi;
+use floe_node::docs::Limits;
+use floe_node::raft::host::{RaftHost, RaftTuning};
+use floe_node::server::{self, NodeConfig};
+use floe_node::signal::Flag;
+use floe_node::storage::group_commit::GroupCommit;
+use floe_node::storage::mem::MemEngine;
+use floe_node::storage::Engine;
+use floe_node::transport::Inbound;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use tokio::sync::watch;
+
+/// One running incarnation of a node.
+pub struct Incarnation {
+    pub host: Arc<RaftHost>,
+    pub api: Arc<NodeApi>,
+    stop: watch::Sender<bool>,
+    /// Set when the incarnation is killed: a client call still in flight on it never gets
+    /// an answer (a killed process sends none), so callers race their call against this.
+    dead: Arc<Flag>,
+}
+
+/// A client's handle on one node incarnation.
+#[derive(Clone)]
+pub struct Endpoint {
+    pub api: Arc<NodeApi>,
+    pub dead: Arc<Flag>,
+}
+
+/// One simulated node.
+pub struct SimNode {
+    pub id: u64,
+    pub engine: Arc<MemEngine>,
+    pub running: Option<Incarnation>,
+    config: NodeConfig,
+}
+
+/// The simulated cluster.
+pub struct SimCluster {
+    pub nodes: BTreeMap<u64, SimNode>,
+    pub net: Arc<SimNet>,
+}
+
+fn node_config(id: u64, count: u64) -> NodeConfig {
+    NodeConfig {
+        node_id: id,
+        grpc_addr: addr_of(id),
+        http_addr: format!("{}-http", addr_of(id)),
+        data_dir: std::path::PathBuf::new(),
+        initial_cluster: (1..=count).map(|i| (i, addr_of(i))).collect(),
+        cluster_id: "sim".into(),
+        limits: Limits::default(),
+        tuning: RaftTuning { snapshot_logs_since_last: 200, logs_kept_after_snapshot: 50, ..RaftTuning::default() },
+    }
+}
+
+impl SimCluster {
+    /// Creates `count` nodes (not started).
+    pub fn new(count: u64, net: Arc<SimNet>) -> Self {
+        let nodes = (1..=count)
+            .map(|id| {
+                (id, SimNode { id, engine: Arc::new(MemEngine::new()), running: None, config: node_config(id, count) })
+            })
+            .collect();
+        Self { nodes, net }
+    }
+
+    pub fn ids(&self) -> Vec<u64> {
+        self.nodes.keys().copied().collect()
+    }
+
+    /// Starts (or restarts) node `id` from its engine's durable state.
+    pub async fn start(&mut self, id: u64) -> Result<(), String> {
+        let net = self.net.clone();
+        let node = self.nodes.get_mut(&id).ok_or_else(|| format!("no node {id}"))?;
+        if node.running.is_some() {
+            return Ok(());
+        }
+        let engine: Engine = node.engine.clone();
+        let writer = GroupCommit::inline(engine.clone());
+        let transport = Arc::new(SimTransport { net: net.clone() });
+        let (host, api) =
+            server::build_core(&node.config, engine, writer, transport).await.map_err(|e| e.to_string())?;
+        let inbound: Arc<dyn Inbound> = Arc::new(host.clone());
+        net.attach(id, inbound);
+        server::bootstrap(&node.config, &host).await.map_err(|e| e.to_string())?;
+        let (stop, stop_rx) = watch::channel(false);
+        tokio::spawn(server::register(node.config.clone(), node.config.http_addr.clone(), host.clone(), stop_rx));
+        let dead = Arc::new(Flag::new());
+        node.running = Some(Incarnation { host, api, stop, dead });
+        Ok(())
+    }
+
+    /// Crashes node `id`: unreachable at once, raft groups stopped, unsynced writes lost
+    /// (the first `keep_unsynced` unsynced batches survive, as a torn write-ahead log would).
+    pub async fn crash(&mut self, id: u64, keep_unsynced: usize) {
+        self.net.detach(id);
+        let Some(node) = self.nodes.get_mut(&id) else { return };
+        if let Some(inc) = node.running.take() {
+            inc.dead.raise();
+            let _ = inc.stop.send(true);
+            inc.host.shutdown().await;
+        }
+        node.engine.crash(keep_unsynced);
+    }
+
+    pub fn api(&self, id: u64) -> Option<Arc<NodeApi>> {
+        self.nodes.get(&id)?.running.as_ref().map(|i| i.api.clone())
+    }
+
+    /// The current incarnation of node `id`, for a client call.
+    pub fn endpoint(&self, id: u64) -> Option<Endpoint> {
+        self.nodes.get(&id)?.running.as_ref().map(|i| Endpoint { api: i.api.clone(), dead: i.dead.clone() })
+    }
+
+    pub fn is_up(&self, id: u64) -> bool {
+        self.nodes.get(&id).is_some_and(|n| n.running.is_some())
+    }
+}

@@ -1,0 +1,477 @@
+//! One simulated run from a seed: start a cluster of real nodes, drive a register workload
+//! while injecting faults, heal, wait for convergence, check the history.
+//!
+//! Owns: the run's schedule (workload, faults, heal), the history it records and the final
+//! checks. Everything random is drawn from generators derived from the seed, and the runtime
+//! is tokio's current-thread scheduler with paused time, so a seed replays bit for bit.
+//!
+//! Checks: per-key linearizability of strong reads, writes and compare-and-sets; every
+//! replica holds identical documents after heal; the cluster serves a strong read of every
+//! key after heal (liveness).
+
+use crate::cluster::{Endpoint, SimCluster};
+use crate::history::{Event, EventType, Function, History};
+use crate::linearizability::{check_history, CheckConfig, KeyOutcome, Verdict};
+use crate::net::{NetProfile, SimNet};
+use crate::trace::{fnv1a, Trace};
+use floe_node::api::{ApiError, NodeApi, ReadConsistency, WriteRequest};
+use floe_node::docs::DocAction;
+use floe_node::storage::{Cf, KvEngine};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::{json, Value};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Collection every simulated client writes to.
+pub const COLLECTION: &str = "sim";
+/// Client-side bound on one operation; past it the outcome is unknown.
+pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(8);
+/// Bound on the heal phase (simulated).
+pub const HEAL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub struct RunConfig {
+    pub seed: u64,
+    pub nodes: u64,
+    pub ops: u64,
+    pub clients: u64,
+    pub keys: u64,
+    pub faults: bool,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self { seed: 0, nodes: 3, ops: 300, clients: 4, keys: 4, faults: true }
+    }
+}
+
+/// What a run did and found.
+#[derive(Clone, Debug)]
+pub struct RunReport {
+    pub seed: u64,
+    pub ops_ok: u64,
+    pub ops_failed: u64,
+    pub ops_unknown: u64,
+    pub faults: u64,
+    pub sim_time: Duration,
+    pub wall_time: Duration,
+    pub trace_hash: u64,
+    pub trace_events: u64,
+    pub verdict: Verdict,
+    /// Human-readable violations (empty when every check passed).
+    pub violations: Vec<String>,
+    pub history: Vec<Event>,
+}
+
+#[derive(Default)]
+struct Recorder {
+    events: Vec<Event>,
+    ok: u64,
+    failed: u64,
+    unknown: u64,
+}
+
+type Shared<T> = Arc<Mutex<T>>;
+
+fn record(rec: &Shared<Recorder>, trace: &Trace, event: Event) {
+    trace.record(&format!("client {}", event.to_json_line()));
+    if let Ok(mut r) = rec.lock() {
+        match event.event_type {
+            EventType::Ok => r.ok += 1,
+            EventType::Fail => r.failed += 1,
+            EventType::Info => r.unknown += 1,
+            EventType::Invoke => {}
+        }
+        r.events.push(event);
+    }
+}
+
+fn event(process: i64, event_type: EventType, f: Function, key: &str, value: Option<Value>) -> Event {
+    Event { process, event_type, f, key: Some(key.to_string()), value }
+}
+
+/// How an error ends an operation: certainly not applied (`fail`) or unknown (`info`).
+fn failure_type(e: &ApiError) -> EventType {
+    if e.retry_safe() {
+        EventType::Fail
+    } else {
+        EventType::Info
+    }
+}
+
+/// Runs one seed to completion on a fresh single-threaded runtime with paused time.
+pub fn run_seed(config: &RunConfig) -> Result<RunReport, String> {
+    floe_node::raft::runtime::seed_thread_rng(config.seed);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .map_err(|e| e.to_string())?;
+    let wall = Instant::now();
+    let mut report = runtime.block_on(simulate(config.clone()))?;
+    report.wall_time = wall.elapsed();
+    Ok(report)
+}
+
+async fn simulate(config: RunConfig) -> Result<RunReport, String> {
+    let started = tokio::time::Instant::now();
+    let trace = Arc::new(Trace::new());
+    let mut master = ChaCha8Rng::seed_from_u64(config.seed);
+    let net = SimNet::new(ChaCha8Rng::seed_from_u64(master.gen()), NetProfile::calm(), trace.clone());
+    let cluster = Arc::new(tokio::sync::Mutex::new(SimCluster::new(config.nodes, net.clone())));
+    {
+        let mut c = cluster.lock().await;
+        for id in c.ids() {
+            c.start(id).await?;
+        }
+    }
+    let ids: Vec<u64> = cluster.lock().await.ids();
+    create_collection(&cluster, &ids).await?;
+
+    let rec: Shared<Recorder> = Arc::default();
+    let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let faults = if config.faults {
+        let rng = ChaCha8Rng::seed_from_u64(master.gen());
+        Some(tokio::spawn(fault_loop(cluster.clone(), net.clone(), trace.clone(), rng, done_rx)))
+    } else {
+        None
+    };
+    let per_client = config.ops.div_ceil(config.clients.max(1));
+    let mut clients = Vec::new();
+    for c in 0..config.clients {
+        let rng = ChaCha8Rng::seed_from_u64(master.gen());
+        clients.push(tokio::spawn(client_loop(
+            c,
+            per_client,
+            config.keys,
+            rng,
+            cluster.clone(),
+            ids.clone(),
+            rec.clone(),
+            trace.clone(),
+        )));
+    }
+    for c in clients {
+        c.await.map_err(|e| format!("client task failed: {e}"))?;
+    }
+    let _ = done_tx.send(true);
+    let fault_count = match faults {
+        Some(f) => f.await.map_err(|e| format!("fault task failed: {e}"))?,
+        None => 0,
+    };
+
+    // Heal: every link back, every node up, then the cluster must serve and converge.
+    net.heal();
+    net.set_profile(NetProfile::calm());
+    trace.record("heal");
+    {
+        let mut c = cluster.lock().await;
+        for id in ids.clone() {
+            c.start(id).await?;
+        }
+    }
+    let mut violations = Vec::new();
+    final_reads(&config, &cluster, &ids, &rec, &trace, &mut violations).await;
+    check_convergence(&cluster, &ids, &trace, &mut violations).await;
+
+    let (events, ok, failed, unknown) = {
+        let r = rec.lock().map_err(|_| "recorder poisoned".to_string())?;
+        (r.events.clone(), r.ok, r.failed, r.unknown)
+    };
+    let history = History::from_events(events.iter().cloned().enumerate().map(|(i, e)| (i + 1, e)))
+        .map_err(|e| format!("the simulator recorded an invalid history: {e}"))?;
+    let check = check_history(&history, &CheckConfig::default());
+    for k in &check.keys {
+        if let KeyOutcome::NotLinearizable(ce) = &k.outcome {
+            violations.push(format!(
+                "key {:?} is not linearizable: {} operations placed, history line {} cannot be",
+                k.key,
+                ce.prefix.len(),
+                history.operations().get(ce.unplaceable).map(|o| o.invoke_line).unwrap_or(0)
+            ));
+        }
+    }
+    let verdict = if violations.is_empty() { check.verdict() } else { Verdict::NotLinearizable };
+    {
+        let mut c = cluster.lock().await;
+        for id in ids {
+            c.crash(id, 0).await;
+        }
+    }
+    Ok(RunReport {
+        seed: config.seed,
+        ops_ok: ok,
+        ops_failed: failed,
+        ops_unknown: unknown,
+        faults: fault_count,
+        sim_time: tokio::time::Instant::now().saturating_duration_since(started),
+        wall_time: Duration::ZERO,
+        trace_hash: trace.hash(),
+        trace_events: trace.events(),
+        verdict,
+        violations,
+        history: events,
+    })
+}
+
+async fn api_of(cluster: &tokio::sync::Mutex<SimCluster>, id: u64) -> Option<Arc<NodeApi>> {
+    cluster.lock().await.api(id)
+}
+
+async fn endpoint_of(cluster: &tokio::sync::Mutex<SimCluster>, id: u64) -> Option<Endpoint> {
+    cluster.lock().await.endpoint(id)
+}
+
+/// Runs a client call against `ep`: `None` when it timed out or the node was killed before
+/// answering (the outcome is then unknown).
+async fn call<T>(ep: &Endpoint, fut: impl std::future::Future<Output = T>) -> Option<T> {
+    tokio::select! {
+        biased;
+        _ = ep.dead.wait() => None,
+        r = tokio::time::timeout(CLIENT_TIMEOUT, fut) => r.ok(),
+    }
+}
+
+async fn create_collection(cluster: &tokio::sync::Mutex<SimCluster>, ids: &[u64]) -> Result<(), String> {
+    for attempt in 0..100u64 {
+        let id = ids[(attempt as usize) % ids.len()];
+        if let Some(api) = api_of(cluster, id).await {
+            if api.create_collection("", COLLECTION).await.is_ok() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err("the cluster never accepted the collection (no leader after 20 s)".into())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn client_loop(
+    client: u64,
+    ops: u64,
+    keys: u64,
+    mut rng: ChaCha8Rng,
+    cluster: Arc<tokio::sync::Mutex<SimCluster>>,
+    ids: Vec<u64>,
+    rec: Shared<Recorder>,
+    trace: Arc<Trace>,
+) {
+    let process = client as i64;
+    let mut seq = 0u64;
+    let mut done = 0u64;
+    while done < ops {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..30))).await;
+        let key = format!("k{}", rng.gen_range(0..keys));
+        let node = ids[rng.gen_range(0..ids.len())];
+        let Some(ep) = endpoint_of(&cluster, node).await else {
+            continue; // node down: the client picks another one (nothing was sent)
+        };
+        let roll: f64 = rng.gen();
+        done += 1;
+        if roll < 0.45 {
+            seq += 1;
+            let value = (client << 32 | seq) as i64;
+            do_write(&ep, process, &key, value, &rec, &trace).await;
+        } else if roll < 0.85 {
+            do_read(&ep, process, &key, &rec, &trace).await;
+        } else {
+            // Compare-and-set: read the current value, then write only over that version.
+            let Some((current, version)) = do_read(&ep, process, &key, &rec, &trace).await else { continue };
+            seq += 1;
+            let value = (client << 32 | seq) as i64;
+            do_cas(&ep, process, &key, current, version, value, &rec, &trace).await;
+        }
+    }
+}
+
+async fn do_write(ep: &Endpoint, process: i64, key: &str, value: i64, rec: &Shared<Recorder>, trace: &Trace) {
+    record(rec, trace, event(process, EventType::Invoke, Function::Write, key, Some(json!(value))));
+    let w = WriteRequest {
+        collection: COLLECTION.into(),
+        id: key.into(),
+        action: DocAction::Put { json: json!({ "v": value }).to_string(), expected: None },
+    };
+    let t = match call(ep, ep.api.write("", vec![w])).await {
+        Some(Ok(_)) => EventType::Ok,
+        Some(Err(e)) => failure_type(&e),
+        None => EventType::Info,
+    };
+    record(rec, trace, event(process, t, Function::Write, key, Some(json!(value))));
+}
+
+/// A strong read; returns the value and version it saw (`None` value: absent) when it succeeded.
+async fn do_read(
+    ep: &Endpoint,
+    process: i64,
+    key: &str,
+    rec: &Shared<Recorder>,
+    trace: &Trace,
+) -> Option<(Value, u64)> {
+    record(rec, trace, event(process, EventType::Invoke, Function::Read, key, None));
+    let (t, seen) = match call(ep, ep.api.get("", COLLECTION, key, &ReadConsistency::Strong)).await {
+        Some(Ok((doc, _))) => {
+            let v =
+                serde_json::from_str::<Value>(&doc.json).ok().and_then(|d| d.get("v").cloned()).unwrap_or(Value::Null);
+            (EventType::Ok, Some((v, doc.version)))
+        }
+        Some(Err(ApiError::NotFound { code: "not_found", .. })) => (EventType::Ok, Some((Value::Null, 0))),
+        Some(Err(_)) | None => (EventType::Fail, None),
+    };
+    let value = if t == EventType::Ok { seen.as_ref().map(|s| s.0.clone()) } else { None };
+    record(rec, trace, event(process, t, Function::Read, key, value));
+    seen
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn do_cas(
+    ep: &Endpoint,
+    process: i64,
+    key: &str,
+    current: Value,
+    version: u64,
+    value: i64,
+    rec: &Shared<Recorder>,
+    trace: &Trace,
+) {
+    let arg = json!([current.clone(), value]);
+    record(rec, trace, event(process, EventType::Invoke, Function::Cas, key, Some(arg.clone())));
+    let json = json!({ "v": value }).to_string();
+    let action =
+        if current.is_null() { DocAction::Create { json } } else { DocAction::Put { json, expected: Some(version) } };
+    let w = WriteRequest { collection: COLLECTION.into(), id: key.into(), action };
+    let t = match call(ep, ep.api.write("", vec![w])).await {
+        Some(Ok(_)) => EventType::Ok,
+        Some(Err(ApiError::VersionMismatch { .. })) | Some(Err(ApiError::AlreadyExists { .. })) => EventType::Fail,
+        Some(Err(e)) => failure_type(&e),
+        None => EventType::Info,
+    };
+    record(rec, trace, event(process, t, Function::Cas, key, Some(arg)));
+}
+
+/// Injects one fault at a time until the workload is done; returns how many it injected.
+async fn fault_loop(
+    cluster: Arc<tokio::sync::Mutex<SimCluster>>,
+    net: Arc<SimNet>,
+    trace: Arc<Trace>,
+    mut rng: ChaCha8Rng,
+    done: tokio::sync::watch::Receiver<bool>,
+) -> u64 {
+    let ids = cluster.lock().await.ids();
+    let mut count = 0;
+    while !*done.borrow() {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(300..2_000))).await;
+        if *done.borrow() {
+            break;
+        }
+        let victim = ids[rng.gen_range(0..ids.len())];
+        let length = Duration::from_millis(rng.gen_range(500..4_000));
+        count += 1;
+        match rng.gen_range(0..4) {
+            0 => {
+                let pending = cluster.lock().await.nodes.get(&victim).map(|n| n.engine.pending_batches()).unwrap_or(0);
+                let keep = if pending == 0 { 0 } else { rng.gen_range(0..=pending) };
+                trace.record(&format!("fault crash n{victim} keep={keep}/{pending} for={}ms", length.as_millis()));
+                cluster.lock().await.crash(victim, keep).await;
+                tokio::time::sleep(length).await;
+                let restarted = cluster.lock().await.start(victim).await;
+                trace.record(&format!("fault restart n{victim} ok={}", restarted.is_ok()));
+            }
+            1 => {
+                trace.record(&format!("fault isolate n{victim} for={}ms", length.as_millis()));
+                net.isolate(victim, &ids);
+                tokio::time::sleep(length).await;
+                net.heal();
+            }
+            2 => {
+                let other = ids[rng.gen_range(0..ids.len())];
+                trace.record(&format!("fault cut n{victim}->n{other} for={}ms", length.as_millis()));
+                net.cut_one_way(victim, other);
+                tokio::time::sleep(length).await;
+                net.heal();
+            }
+            _ => {
+                let profile = NetProfile {
+                    loss: rng.gen_range(0.01..0.2),
+                    duplicate: rng.gen_range(0.0..0.2),
+                    delay_min_us: 100,
+                    delay_max_us: rng.gen_range(1_000..50_000),
+                };
+                trace.record(&format!("fault net {profile:?} for={}ms", length.as_millis()));
+                net.set_profile(profile);
+                tokio::time::sleep(length).await;
+                net.set_profile(NetProfile::calm());
+            }
+        }
+        trace.record("fault healed");
+    }
+    count
+}
+
+/// After heal: a strong read of every key must succeed (recorded in the history).
+async fn final_reads(
+    config: &RunConfig,
+    cluster: &tokio::sync::Mutex<SimCluster>,
+    ids: &[u64],
+    rec: &Shared<Recorder>,
+    trace: &Trace,
+    violations: &mut Vec<String>,
+) {
+    let process = 1_000_000;
+    for k in 0..config.keys {
+        let key = format!("k{k}");
+        let deadline = tokio::time::Instant::now() + HEAL_TIMEOUT;
+        let mut attempt = 0usize;
+        loop {
+            let node = ids[attempt % ids.len()];
+            attempt += 1;
+            let Some(ep) = endpoint_of(cluster, node).await else { continue };
+            if do_read(&ep, process, &key, rec, trace).await.is_some() {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                violations
+                    .push(format!("liveness: no strong read of {key} succeeded within {HEAL_TIMEOUT:?} after heal"));
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// After heal: every replica applies everything and holds identical documents.
+async fn check_convergence(
+    cluster: &tokio::sync::Mutex<SimCluster>,
+    ids: &[u64],
+    trace: &Trace,
+    violations: &mut Vec<String>,
+) {
+    let deadline = tokio::time::Instant::now() + HEAL_TIMEOUT;
+    loop {
+        let digests: Vec<(u64, u64, u64)> = {
+            let c = cluster.lock().await;
+            ids.iter()
+                .filter_map(|id| {
+                    let node = c.nodes.get(id)?;
+                    let applied = node.running.as_ref()?.host.group(floe_node::keys::FIRST_SHARD)?.applied_index();
+                    let pairs = node.engine.scan(Cf::Data, &[floe_node::keys::DOC_PREFIX], &[], usize::MAX).ok()?;
+                    let digest = pairs.iter().fold(0u64, |h, (k, v)| fnv1a(fnv1a(h, k), v));
+                    Some((*id, applied, digest))
+                })
+                .collect()
+        };
+        let converged = digests.len() == ids.len() && digests.windows(2).all(|w| w[0].1 == w[1].1 && w[0].2 == w[1].2);
+        if converged {
+            trace.record(&format!("converged {digests:?}"));
+            return;
+        }
+        if tokio::time::Instant::now() > deadline {
+            violations.push(format!(
+                "replicas did not converge within {HEAL_TIMEOUT:?}: (node, applied, digest) = {digests:?}"
+            ));
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

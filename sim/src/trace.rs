@@ -1,0 +1,66 @@
+//! The run's trace hash: FNV-1a over one canonical line per event (simulated time, what
+//! happened, to whom), so two runs of one seed can be compared bit for bit.
+//!
+//! Invariant: only structured, deterministic facts go in (no wall time, no pointers, no
+//! hash-map order); the same seed on the same build yields the same hash.
+
+use std::sync::Mutex;
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// FNV-1a of `bytes`, continuing from `hash`.
+pub fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(FNV_PRIME);
+    }
+    hash
+}
+
+/// Accumulates the trace hash and counts events.
+#[derive(Debug)]
+pub struct Trace {
+    inner: Mutex<(u64, u64)>,
+    start: tokio::time::Instant,
+    /// Print every event line to stderr (`FLOE_SIM_TRACE=1`), for debugging a seed.
+    echo: bool,
+}
+
+impl Trace {
+    pub fn new() -> Self {
+        let echo = std::env::var_os("FLOE_SIM_TRACE").is_some_and(|v| v != "0");
+        Self { inner: Mutex::new((FNV_OFFSET, 0)), start: tokio::time::Instant::now(), echo }
+    }
+
+    /// Simulated microseconds since the run started.
+    pub fn now_us(&self) -> u64 {
+        tokio::time::Instant::now().saturating_duration_since(self.start).as_micros() as u64
+    }
+
+    /// Records one event line (prefixed with the simulated time).
+    pub fn record(&self, line: &str) {
+        let stamped = format!("{} {line}\n", self.now_us());
+        if self.echo {
+            eprint!("{stamped}");
+        }
+        if let Ok(mut g) = self.inner.lock() {
+            g.0 = fnv1a(g.0, stamped.as_bytes());
+            g.1 += 1;
+        }
+    }
+
+    pub fn hash(&self) -> u64 {
+        self.inner.lock().map(|g| g.0).unwrap_or(0)
+    }
+
+    pub fn events(&self) -> u64 {
+        self.inner.lock().map(|g| g.1).unwrap_or(0)
+    }
+}
+
+impl Default for Trace {
+    fn default() -> Self {
+        Self::new()
+    }
+}
