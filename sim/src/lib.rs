@@ -13,6 +13,7 @@
 pub mod cli;
 pub mod cluster;
 pub mod history;
+pub mod html;
 pub mod linearizability;
 pub mod net;
 pub mod run;

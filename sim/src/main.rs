@@ -28,6 +28,11 @@ fn run(cli: &Cli) -> anyhow::Result<ExitCode> {
             let verdict = cli::run_check(args, &mut stdout.lock(), &mut stderr.lock())?;
             Ok(ExitCode::from(cli::exit_code(verdict)))
         }
+        Command::Replay(args) => {
+            let stdout = std::io::stdout();
+            let passed = cli::replay(args, &mut stdout.lock())?;
+            Ok(if passed { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
         Command::Run(args) => {
             let stdout = std::io::stdout();
             let passed = cli::run_seeds(args, &mut stdout.lock())?;

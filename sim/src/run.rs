@@ -63,6 +63,12 @@ pub struct RunReport {
     /// Human-readable violations (empty when every check passed).
     pub violations: Vec<String>,
     pub history: Vec<Event>,
+    /// The timeline for `replay --html`.
+    pub marks: Vec<crate::trace::Mark>,
+    /// History lines of the operations a checker blamed.
+    pub bad_lines: Vec<usize>,
+    /// EVENTUAL reads performed (checked: they return only values that were written).
+    pub eventual_reads: u64,
 }
 
 #[derive(Default)]
@@ -71,13 +77,23 @@ struct Recorder {
     ok: u64,
     failed: u64,
     unknown: u64,
+    /// EVENTUAL reads: (key, value read, history length when the read completed).
+    eventual: Vec<(String, Value, usize)>,
 }
 
 type Shared<T> = Arc<Mutex<T>>;
 
 fn record(rec: &Shared<Recorder>, trace: &Trace, event: Event) {
-    trace.record(&format!("client {}", event.to_json_line()));
     if let Ok(mut r) = rec.lock() {
+        let what = match event.event_type {
+            EventType::Invoke => "invoke",
+            EventType::Ok => "ok",
+            EventType::Fail => "fail",
+            EventType::Info => "info",
+        };
+        let value = event.value.as_ref().map(|v| format!(" {v}")).unwrap_or_default();
+        let text = format!("{what} {} {}{value}", event.f.name(), event.key.as_deref().unwrap_or(""));
+        trace.mark(&format!("client {}", event.process), &text, Some(r.events.len() + 1));
         match event.event_type {
             EventType::Ok => r.ok += 1,
             EventType::Fail => r.failed += 1,
@@ -138,6 +154,8 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
     } else {
         None
     };
+    let (watch_stop_tx, watch_stop_rx) = tokio::sync::watch::channel(false);
+    let leaders = tokio::spawn(leader_watch(cluster.clone(), trace.clone(), watch_stop_rx));
     let per_client = config.ops.div_ceil(config.clients.max(1));
     let mut clients = Vec::new();
     for c in 0..config.clients {
@@ -165,7 +183,7 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
     // Heal: every link back, every node up, then the cluster must serve and converge.
     net.heal();
     net.set_profile(NetProfile::calm());
-    trace.record("heal");
+    trace.mark("faults", "heal all: every link up, every node started", None);
     {
         let mut c = cluster.lock().await;
         for id in ids.clone() {
@@ -176,15 +194,23 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
     final_reads(&config, &cluster, &ids, &rec, &trace, &mut violations).await;
     check_convergence(&cluster, &ids, &trace, &mut violations).await;
 
-    let (events, ok, failed, unknown) = {
+    let _ = watch_stop_tx.send(true);
+    let _ = leaders.await;
+    let (events, ok, failed, unknown, eventual) = {
         let r = rec.lock().map_err(|_| "recorder poisoned".to_string())?;
-        (r.events.clone(), r.ok, r.failed, r.unknown)
+        (r.events.clone(), r.ok, r.failed, r.unknown, r.eventual.clone())
     };
+    let mut bad_lines = Vec::new();
+    check_eventual_reads(&events, &eventual, &mut violations);
     let history = History::from_events(events.iter().cloned().enumerate().map(|(i, e)| (i + 1, e)))
         .map_err(|e| format!("the simulator recorded an invalid history: {e}"))?;
     let check = check_history(&history, &CheckConfig::default());
     for k in &check.keys {
         if let KeyOutcome::NotLinearizable(ce) = &k.outcome {
+            if let Some(op) = history.operations().get(ce.unplaceable) {
+                bad_lines.push(op.invoke_line);
+                bad_lines.extend(op.complete_line());
+            }
             violations.push(format!(
                 "key {:?} is not linearizable: {} operations placed, history line {} cannot be",
                 k.key,
@@ -213,6 +239,9 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
         verdict,
         violations,
         history: events,
+        marks: trace.marks(),
+        bad_lines,
+        eventual_reads: eventual.len() as u64,
     })
 }
 
@@ -274,8 +303,10 @@ async fn client_loop(
             seq += 1;
             let value = (client << 32 | seq) as i64;
             do_write(&ep, process, &key, value, &rec, &trace).await;
-        } else if roll < 0.85 {
+        } else if roll < 0.8 {
             do_read(&ep, process, &key, &rec, &trace).await;
+        } else if roll < 0.88 {
+            do_eventual_read(&ep, process, &key, &rec, &trace).await;
         } else {
             // Compare-and-set: read the current value, then write only over that version.
             let Some((current, version)) = do_read(&ep, process, &key, &rec, &trace).await else { continue };
@@ -322,6 +353,90 @@ async fn do_read(
     let value = if t == EventType::Ok { seen.as_ref().map(|s| s.0.clone()) } else { None };
     record(rec, trace, event(process, t, Function::Read, key, value));
     seen
+}
+
+/// An EVENTUAL read: any replica's local state. Not part of the linearizable history; checked
+/// to return only values some client wrote (or absence).
+async fn do_eventual_read(ep: &Endpoint, process: i64, key: &str, rec: &Shared<Recorder>, trace: &Trace) {
+    let outcome = call(ep, ep.api.get("", COLLECTION, key, &ReadConsistency::Eventual)).await;
+    let value = match outcome {
+        Some(Ok((doc, _))) => serde_json::from_str::<Value>(&doc.json).ok().and_then(|d| d.get("v").cloned()),
+        Some(Err(ApiError::NotFound { .. })) => Some(Value::Null),
+        _ => None,
+    };
+    if let (Some(v), Ok(mut r)) = (value, rec.lock()) {
+        let at = r.events.len();
+        trace.mark(&format!("client {process}"), &format!("eventual read {key} -> {v}"), None);
+        r.eventual.push((key.to_string(), v, at));
+    }
+}
+
+/// Every non-null EVENTUAL read returns a value whose write was invoked before the read
+/// completed (DESIGN invariant 5: only committed values, here: never a value from nowhere).
+fn check_eventual_reads(events: &[Event], eventual: &[(String, Value, usize)], violations: &mut Vec<String>) {
+    let mut invoked: std::collections::BTreeMap<(String, String), usize> = std::collections::BTreeMap::new();
+    for (i, e) in events.iter().enumerate() {
+        if e.event_type != EventType::Invoke {
+            continue;
+        }
+        let written = match (e.f, &e.value) {
+            (Function::Write, Some(v)) => Some(v.clone()),
+            (Function::Cas, Some(Value::Array(pair))) => pair.get(1).cloned(),
+            _ => None,
+        };
+        if let (Some(v), Some(k)) = (written, &e.key) {
+            invoked.entry((k.clone(), v.to_string())).or_insert(i);
+        }
+    }
+    for (key, value, at) in eventual {
+        if value.is_null() {
+            continue;
+        }
+        match invoked.get(&(key.clone(), value.to_string())) {
+            Some(i) if i < at => {}
+            _ => {
+                violations.push(format!("eventual read of {key} returned {value}, which no write had been invoked for"))
+            }
+        }
+    }
+}
+
+/// Samples each group's leader every 100 ms (simulated) and marks changes on the timeline.
+async fn leader_watch(
+    cluster: Arc<tokio::sync::Mutex<SimCluster>>,
+    trace: Arc<Trace>,
+    stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut last: std::collections::BTreeMap<u64, Option<u64>> = std::collections::BTreeMap::new();
+    while !*stop.borrow() {
+        let seen: Vec<(u64, Option<u64>)> = {
+            let c = cluster.lock().await;
+            [floe_node::keys::META_GROUP, floe_node::keys::FIRST_SHARD]
+                .iter()
+                .map(|g| {
+                    // The leader of the highest term any running replica knows of.
+                    let best = c
+                        .nodes
+                        .values()
+                        .filter_map(|n| n.running.as_ref()?.host.group(*g))
+                        .map(|h| {
+                            let m = h.raft.metrics().borrow().clone();
+                            (m.current_term, m.current_leader)
+                        })
+                        .max();
+                    (*g, best.and_then(|b| b.1))
+                })
+                .collect()
+        };
+        for (g, leader) in seen {
+            if last.get(&g) != Some(&leader) {
+                let who = leader.map(|l| format!("n{l}")).unwrap_or_else(|| "none".into());
+                trace.mark("leaders", &format!("group {g}: {who}"), None);
+                last.insert(g, leader);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -372,21 +487,25 @@ async fn fault_loop(
             0 => {
                 let pending = cluster.lock().await.nodes.get(&victim).map(|n| n.engine.pending_batches()).unwrap_or(0);
                 let keep = if pending == 0 { 0 } else { rng.gen_range(0..=pending) };
-                trace.record(&format!("fault crash n{victim} keep={keep}/{pending} for={}ms", length.as_millis()));
+                trace.mark(
+                    "faults",
+                    &format!("crash n{victim} keep={keep}/{pending} for={}ms", length.as_millis()),
+                    None,
+                );
                 cluster.lock().await.crash(victim, keep).await;
                 tokio::time::sleep(length).await;
                 let restarted = cluster.lock().await.start(victim).await;
-                trace.record(&format!("fault restart n{victim} ok={}", restarted.is_ok()));
+                trace.mark("faults", &format!("restart n{victim} ok={}", restarted.is_ok()), None);
             }
             1 => {
-                trace.record(&format!("fault isolate n{victim} for={}ms", length.as_millis()));
+                trace.mark("faults", &format!("isolate n{victim} for={}ms", length.as_millis()), None);
                 net.isolate(victim, &ids);
                 tokio::time::sleep(length).await;
                 net.heal();
             }
             2 => {
                 let other = ids[rng.gen_range(0..ids.len())];
-                trace.record(&format!("fault cut n{victim}->n{other} for={}ms", length.as_millis()));
+                trace.mark("faults", &format!("cut n{victim}->n{other} for={}ms", length.as_millis()), None);
                 net.cut_one_way(victim, other);
                 tokio::time::sleep(length).await;
                 net.heal();
@@ -398,13 +517,13 @@ async fn fault_loop(
                     delay_min_us: 100,
                     delay_max_us: rng.gen_range(1_000..50_000),
                 };
-                trace.record(&format!("fault net {profile:?} for={}ms", length.as_millis()));
+                trace.mark("faults", &format!("net {profile:?} for={}ms", length.as_millis()), None);
                 net.set_profile(profile);
                 tokio::time::sleep(length).await;
                 net.set_profile(NetProfile::calm());
             }
         }
-        trace.record("fault healed");
+        trace.mark("faults", "healed", None);
     }
     count
 }
@@ -473,5 +592,35 @@ async fn check_convergence(
             return;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(process: i64, t: EventType, f: Function, key: &str, value: Option<Value>) -> Event {
+        event(process, t, f, key, value)
+    }
+
+    #[test]
+    fn eventual_reads_of_written_values_pass_and_phantoms_fail() {
+        let events = vec![
+            ev(0, EventType::Invoke, Function::Write, "k", Some(json!(1))),
+            ev(0, EventType::Info, Function::Write, "k", Some(json!(1))),
+            ev(1, EventType::Invoke, Function::Cas, "k", Some(json!([1, 2]))),
+        ];
+        let mut v = Vec::new();
+        check_eventual_reads(
+            &events,
+            &[("k".into(), json!(1), 2), ("k".into(), json!(2), 3), ("k".into(), Value::Null, 0)],
+            &mut v,
+        );
+        assert!(v.is_empty(), "{v:?}");
+        check_eventual_reads(&events, &[("k".into(), json!(7), 3)], &mut v);
+        assert_eq!(v.len(), 1, "a value nobody wrote is a violation");
+        let mut v = Vec::new();
+        check_eventual_reads(&events, &[("k".into(), json!(2), 1)], &mut v);
+        assert_eq!(v.len(), 1, "a value read before its write was invoked is a violation");
     }
 }

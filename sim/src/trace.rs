@@ -18,6 +18,18 @@ pub fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
     hash
 }
 
+/// One entry of the human timeline (`floe-sim replay --html`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mark {
+    /// Simulated microseconds since the start of the run.
+    pub at_us: u64,
+    /// Row of the timeline: `client N`, `faults`, `leaders`.
+    pub lane: String,
+    pub text: String,
+    /// 1-based history line, for client events.
+    pub line: Option<usize>,
+}
+
 /// Accumulates the trace hash and counts events.
 #[derive(Debug)]
 pub struct Trace {
@@ -25,12 +37,13 @@ pub struct Trace {
     start: tokio::time::Instant,
     /// Print every event line to stderr (`FLOE_SIM_TRACE=1`), for debugging a seed.
     echo: bool,
+    marks: Mutex<Vec<Mark>>,
 }
 
 impl Trace {
     pub fn new() -> Self {
         let echo = std::env::var_os("FLOE_SIM_TRACE").is_some_and(|v| v != "0");
-        Self { inner: Mutex::new((FNV_OFFSET, 0)), start: tokio::time::Instant::now(), echo }
+        Self { inner: Mutex::new((FNV_OFFSET, 0)), start: tokio::time::Instant::now(), echo, marks: Mutex::default() }
     }
 
     /// Simulated microseconds since the run started.
@@ -48,6 +61,19 @@ impl Trace {
             g.0 = fnv1a(g.0, stamped.as_bytes());
             g.1 += 1;
         }
+    }
+
+    /// Records a timeline entry (and hashes it like any event).
+    pub fn mark(&self, lane: &str, text: &str, line: Option<usize>) {
+        self.record(&format!("{lane}: {text}"));
+        let at_us = self.now_us();
+        if let Ok(mut m) = self.marks.lock() {
+            m.push(Mark { at_us, lane: lane.to_string(), text: text.to_string(), line });
+        }
+    }
+
+    pub fn marks(&self) -> Vec<Mark> {
+        self.marks.lock().map(|m| m.clone()).unwrap_or_default()
     }
 
     pub fn hash(&self) -> u64 {

@@ -97,3 +97,22 @@ mod planted {
         assert!(first_catch("ack-before-commit").is_some(), "100 seeds missed writes acknowledged before commit");
     }
 }
+
+/// `replay` writes a readable timeline with the lanes it promises.
+#[test]
+fn replay_writes_an_html_timeline() {
+    let dir = std::env::temp_dir().join(format!("floe-sim-replay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let html = dir.join("seed-3.html");
+    let out = Command::new(env!("CARGO_BIN_EXE_floe-sim"))
+        .args(["replay", "--seed", "3", "--ops", "200", "--html"])
+        .arg(&html)
+        .output()
+        .expect("run floe-sim");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let page = std::fs::read_to_string(&html).expect("html written");
+    for want in ["floe-sim seed 3", "<th>faults</th>", "<th>leaders</th>", "<th>client 0</th>", "ok write"] {
+        assert!(page.contains(want), "timeline lacks {want:?}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
