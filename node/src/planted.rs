@@ -5,10 +5,11 @@
 //! - `stale-strong-read`: a STRONG read is served from local state without confirming
 //!   leadership or waiting for the read index;
 //! - `ack-before-commit`: a write is acknowledged as soon as it is handed to raft, before it
-//!   is committed.
+//!   is committed;
+//! - `lost-session`: a SESSION read ignores its token and serves local state.
 
 /// Names of the bugs that can be planted.
-pub const PLANTED_BUGS: &[&str] = &["stale-strong-read", "ack-before-commit"];
+pub const PLANTED_BUGS: &[&str] = &["stale-strong-read", "ack-before-commit", "lost-session"];
 
 #[cfg(feature = "planted-bugs")]
 static PLANTED: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);

@@ -79,6 +79,8 @@ struct Recorder {
     unknown: u64,
     /// EVENTUAL reads: (key, value read, history length when the read completed).
     eventual: Vec<(String, Value, usize)>,
+    /// SESSION reads that went behind the session.
+    session_violations: Vec<String>,
 }
 
 type Shared<T> = Arc<Mutex<T>>;
@@ -198,6 +200,7 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
     let _ = leaders.await;
     let (events, ok, failed, unknown, eventual) = {
         let r = rec.lock().map_err(|_| "recorder poisoned".to_string())?;
+        violations.extend(r.session_violations.iter().cloned());
         (r.events.clone(), r.ok, r.failed, r.unknown, r.eventual.clone())
     };
     let mut bad_lines = Vec::new();
@@ -290,6 +293,7 @@ async fn client_loop(
     let process = client as i64;
     let mut seq = 0u64;
     let mut done = 0u64;
+    let mut session = SessionState::default();
     while done < ops {
         tokio::time::sleep(Duration::from_millis(rng.gen_range(0..30))).await;
         let key = format!("k{}", rng.gen_range(0..keys));
@@ -302,34 +306,55 @@ async fn client_loop(
         if roll < 0.45 {
             seq += 1;
             let value = (client << 32 | seq) as i64;
-            do_write(&ep, process, &key, value, &rec, &trace).await;
-        } else if roll < 0.8 {
-            do_read(&ep, process, &key, &rec, &trace).await;
-        } else if roll < 0.88 {
+            if let Some((version, token)) = do_write(&ep, process, &key, value, &rec, &trace).await {
+                session.observe(&key, version, &token);
+            }
+        } else if roll < 0.75 {
+            if let Some((_, version, token)) = do_read(&ep, process, &key, &rec, &trace).await {
+                session.observe(&key, version, &token);
+            }
+        } else if roll < 0.82 {
             do_eventual_read(&ep, process, &key, &rec, &trace).await;
+        } else if roll < 0.9 {
+            do_session_read(&ep, process, &key, &mut session, &rec, &trace).await;
         } else {
             // Compare-and-set: read the current value, then write only over that version.
-            let Some((current, version)) = do_read(&ep, process, &key, &rec, &trace).await else { continue };
+            let Some((current, version, token)) = do_read(&ep, process, &key, &rec, &trace).await else { continue };
+            session.observe(&key, version, &token);
             seq += 1;
             let value = (client << 32 | seq) as i64;
-            do_cas(&ep, process, &key, current, version, value, &rec, &trace).await;
+            if let Some((version, token)) = do_cas(&ep, process, &key, current, version, value, &rec, &trace).await {
+                session.observe(&key, version, &token);
+            }
         }
     }
 }
 
-async fn do_write(ep: &Endpoint, process: i64, key: &str, value: i64, rec: &Shared<Recorder>, trace: &Trace) {
+async fn do_write(
+    ep: &Endpoint,
+    process: i64,
+    key: &str,
+    value: i64,
+    rec: &Shared<Recorder>,
+    trace: &Trace,
+) -> Option<(u64, String)> {
     record(rec, trace, event(process, EventType::Invoke, Function::Write, key, Some(json!(value))));
     let w = WriteRequest {
         collection: COLLECTION.into(),
         id: key.into(),
         action: DocAction::Put { json: json!({ "v": value }).to_string(), expected: None },
     };
+    let mut acked = None;
     let t = match call(ep, ep.api.write("", vec![w])).await {
-        Some(Ok(_)) => EventType::Ok,
+        Some(Ok((results, meta))) => {
+            acked = results.first().map(|r| (r.version, meta.session_token.clone()));
+            EventType::Ok
+        }
         Some(Err(e)) => failure_type(&e),
         None => EventType::Info,
     };
     record(rec, trace, event(process, t, Function::Write, key, Some(json!(value))));
+    acked
 }
 
 /// A strong read; returns the value and version it saw (`None` value: absent) when it succeeded.
@@ -339,20 +364,75 @@ async fn do_read(
     key: &str,
     rec: &Shared<Recorder>,
     trace: &Trace,
-) -> Option<(Value, u64)> {
+) -> Option<(Value, u64, String)> {
     record(rec, trace, event(process, EventType::Invoke, Function::Read, key, None));
     let (t, seen) = match call(ep, ep.api.get("", COLLECTION, key, &ReadConsistency::Strong)).await {
-        Some(Ok((doc, _))) => {
+        Some(Ok((doc, meta))) => {
             let v =
                 serde_json::from_str::<Value>(&doc.json).ok().and_then(|d| d.get("v").cloned()).unwrap_or(Value::Null);
-            (EventType::Ok, Some((v, doc.version)))
+            (EventType::Ok, Some((v, doc.version, meta.session_token)))
         }
-        Some(Err(ApiError::NotFound { code: "not_found", .. })) => (EventType::Ok, Some((Value::Null, 0))),
+        Some(Err(ApiError::NotFound { code: "not_found", .. })) => {
+            (EventType::Ok, Some((Value::Null, 0, String::new())))
+        }
         Some(Err(_)) | None => (EventType::Fail, None),
     };
     let value = if t == EventType::Ok { seen.as_ref().map(|s| s.0.clone()) } else { None };
     record(rec, trace, event(process, t, Function::Read, key, value));
     seen
+}
+
+/// What one client's session has seen: the newest token and, per key, the newest version it
+/// wrote or read. A SESSION read must never return an older version (read-your-writes,
+/// monotonic reads).
+#[derive(Default)]
+struct SessionState {
+    token: String,
+    token_index: u64,
+    seen: std::collections::BTreeMap<String, u64>,
+}
+
+impl SessionState {
+    fn observe(&mut self, key: &str, version: u64, token: &str) {
+        let seen = self.seen.entry(key.to_string()).or_default();
+        *seen = (*seen).max(version);
+        if let Some(index) = token.split_once(':').and_then(|(_, i)| i.parse::<u64>().ok()) {
+            if index >= self.token_index {
+                self.token_index = index;
+                self.token = token.to_string();
+            }
+        }
+    }
+}
+
+/// A SESSION read with the client's newest token; a version older than what this client
+/// already wrote or read of the key is a violation (DESIGN invariant 4).
+async fn do_session_read(
+    ep: &Endpoint,
+    process: i64,
+    key: &str,
+    session: &mut SessionState,
+    rec: &Shared<Recorder>,
+    trace: &Trace,
+) {
+    let consistency = ReadConsistency::Session { token: session.token.clone() };
+    let outcome = call(ep, ep.api.get("", COLLECTION, key, &consistency)).await;
+    let (version, token) = match outcome {
+        Some(Ok((doc, meta))) => (doc.version, meta.session_token),
+        Some(Err(ApiError::NotFound { code: "not_found", .. })) => (0, String::new()),
+        _ => return,
+    };
+    let floor = session.seen.get(key).copied().unwrap_or(0);
+    trace.mark(&format!("client {process}"), &format!("session read {key} -> version {version} (floor {floor})"), None);
+    if version < floor {
+        if let Ok(mut r) = rec.lock() {
+            r.session_violations.push(format!(
+                "session read of {key} by client {process} returned version {version}, older than version {floor} it already saw (token {})",
+                session.token
+            ));
+        }
+    }
+    session.observe(key, version, &token);
 }
 
 /// An EVENTUAL read: any replica's local state. Not part of the linearizable history; checked
@@ -449,20 +529,25 @@ async fn do_cas(
     value: i64,
     rec: &Shared<Recorder>,
     trace: &Trace,
-) {
+) -> Option<(u64, String)> {
     let arg = json!([current.clone(), value]);
     record(rec, trace, event(process, EventType::Invoke, Function::Cas, key, Some(arg.clone())));
     let json = json!({ "v": value }).to_string();
     let action =
         if current.is_null() { DocAction::Create { json } } else { DocAction::Put { json, expected: Some(version) } };
     let w = WriteRequest { collection: COLLECTION.into(), id: key.into(), action };
+    let mut acked = None;
     let t = match call(ep, ep.api.write("", vec![w])).await {
-        Some(Ok(_)) => EventType::Ok,
+        Some(Ok((results, meta))) => {
+            acked = results.first().map(|r| (r.version, meta.session_token.clone()));
+            EventType::Ok
+        }
         Some(Err(ApiError::VersionMismatch { .. })) | Some(Err(ApiError::AlreadyExists { .. })) => EventType::Fail,
         Some(Err(e)) => failure_type(&e),
         None => EventType::Info,
     };
     record(rec, trace, event(process, t, Function::Cas, key, Some(arg)));
+    acked
 }
 
 /// Injects one fault at a time until the workload is done; returns how many it injected.

@@ -93,6 +93,11 @@ mod planted {
     }
 
     #[test]
+    fn planted_lost_session_is_caught() {
+        assert!(first_catch("lost-session").is_some(), "100 seeds missed session reads that ignore their token");
+    }
+
+    #[test]
     fn planted_ack_before_commit_is_caught() {
         assert!(first_catch("ack-before-commit").is_some(), "100 seeds missed writes acknowledged before commit");
     }

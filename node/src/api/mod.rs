@@ -199,10 +199,32 @@ impl NodeApi {
             }
             ReadConsistency::Strong => Ok(self.host.linearizable_position(group).await?),
             ReadConsistency::Eventual => Ok(self.host.group(group).map(|g| g.applied_index()).unwrap_or(0)),
-            ReadConsistency::BoundedStaleness { .. } | ReadConsistency::Session { .. } => Err(ApiError::invalid(
+            ReadConsistency::Session { token } => self.session_position(group, token).await,
+            ReadConsistency::BoundedStaleness { .. } => Err(ApiError::invalid(
                 "unsupported_consistency",
-                "BOUNDED_STALENESS and SESSION reads are not available yet; use STRONG or EVENTUAL",
+                "BOUNDED_STALENESS reads are not available yet; use STRONG, SESSION or EVENTUAL",
             )),
+        }
+    }
+
+    /// A SESSION read: this replica serves once it applied the token's position (waiting up
+    /// to `SESSION_WAIT`); otherwise, or for a token of another group, it falls back to a
+    /// linearizable position, which is always at least as new as any token.
+    async fn session_position(&self, group: GroupId, token: &str) -> Result<u64, ApiError> {
+        let local = || self.host.group(group).map(|g| g.applied_index()).unwrap_or(0);
+        if token.is_empty() {
+            return Ok(local());
+        }
+        let (token_group, index) = parse_session_token(token)?;
+        if crate::planted::is_planted("lost-session") {
+            return Ok(local());
+        }
+        if token_group != group {
+            return Ok(self.host.linearizable_position(group).await?);
+        }
+        match self.host.group(group) {
+            Some(g) if g.wait_applied(index, SESSION_WAIT).await => Ok(g.applied_index()),
+            _ => Ok(self.host.linearizable_position(group).await?),
         }
     }
 
@@ -231,7 +253,9 @@ impl NodeApi {
         let tenant = tenant_or_default(tenant);
         self.check_tenant_collection(tenant, collection)?;
         limits::check_id(id, &self.limits)?;
-        let strong = *consistency == ReadConsistency::Strong;
+        // Only EVENTUAL trusts the local catalog for "no such collection"; the others confirm
+        // with the meta leader (a lagging replica may not know a new collection yet).
+        let strong = *consistency != ReadConsistency::Eventual;
         self.require_collection(tenant, collection, strong).await?;
         let group = self.route(&keys::doc_key(tenant, collection, id))?;
         tracing::Span::current().record("shard", group);
@@ -268,7 +292,7 @@ impl NodeApi {
         for id in ids {
             limits::check_id(id, &self.limits)?;
         }
-        let strong = *consistency == ReadConsistency::Strong;
+        let strong = *consistency != ReadConsistency::Eventual;
         self.require_collection(tenant, collection, strong).await?;
         // Group ids by shard and take one read position per shard.
         let mut positions: BTreeMap<GroupId, u64> = BTreeMap::new();
@@ -499,6 +523,17 @@ impl NodeApi {
     }
 }
 
+/// How long a replica waits to catch up to a session token before forwarding.
+pub const SESSION_WAIT: Duration = Duration::from_millis(500);
+
+/// Parses a session token `group:index` (as returned in every response).
+pub fn parse_session_token(token: &str) -> Result<(GroupId, u64), ApiError> {
+    let bad =
+        || ApiError::invalid("invalid_argument", format!("malformed session token {token:?}: expected group:index"));
+    let (g, i) = token.split_once(':').ok_or_else(bad)?;
+    Ok((g.parse().map_err(|_| bad())?, i.parse().map_err(|_| bad())?))
+}
+
 fn prefix_batch_error(e: ApiError, index: usize) -> ApiError {
     let p = |m: String| format!("operation {index}: {m}");
     match e {
@@ -513,5 +548,27 @@ fn prefix_batch_error(e: ApiError, index: usize) -> ApiError {
         }
         ApiError::PreconditionFailed { code, message } => ApiError::PreconditionFailed { code, message: p(message) },
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn session_tokens_parse_or_name_the_problem() {
+        assert_eq!(parse_session_token("1:42").unwrap(), (1, 42));
+        for bad in ["", "1", "x:1", "1:y", "1:2:3"] {
+            let e = parse_session_token(bad).unwrap_err();
+            assert_eq!(e.http_status(), 400, "{bad:?}");
+            assert!(e.to_string().contains("session token"), "{e}");
+        }
+    }
+
+    #[test]
+    fn request_units_round_up_per_kib() {
+        assert_eq!(read_units(0), 1.0);
+        assert_eq!(read_units(1025), 2.0);
+        assert_eq!(write_units(10), 5.0);
     }
 }
