@@ -25,6 +25,10 @@ use std::time::{Duration, Instant};
 
 /// Collection every simulated client writes to.
 pub const COLLECTION: &str = "sim";
+/// Collection of the bank workload: `ACCOUNTS` accounts moving money in atomic batches.
+pub const BANK: &str = "bank";
+pub const ACCOUNTS: usize = 4;
+pub const BALANCE_START: i64 = 100;
 /// Client-side bound on one operation; past it the outcome is unknown.
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(8);
 /// Bound on the heal phase (simulated).
@@ -69,6 +73,9 @@ pub struct RunReport {
     pub bad_lines: Vec<usize>,
     /// EVENTUAL reads performed (checked: they return only values that were written).
     pub eventual_reads: u64,
+    /// Bank transfers acknowledged and bank reads whose total was checked.
+    pub bank_transfers_ok: u64,
+    pub bank_reads_ok: u64,
 }
 
 #[derive(Default)]
@@ -81,6 +88,10 @@ struct Recorder {
     eventual: Vec<(String, Value, usize)>,
     /// SESSION reads that went behind the session.
     session_violations: Vec<String>,
+    /// Bank reads whose total was not the invariant total.
+    bank_violations: Vec<String>,
+    bank_transfers_ok: u64,
+    bank_reads_ok: u64,
 }
 
 type Shared<T> = Arc<Mutex<T>>;
@@ -147,6 +158,7 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
     }
     let ids: Vec<u64> = cluster.lock().await.ids();
     create_collection(&cluster, &ids).await?;
+    open_accounts(&cluster, &ids).await?;
 
     let rec: Shared<Recorder> = Arc::default();
     let (done_tx, done_rx) = tokio::sync::watch::channel(false);
@@ -194,13 +206,17 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
     }
     let mut violations = Vec::new();
     final_reads(&config, &cluster, &ids, &rec, &trace, &mut violations).await;
+    final_bank_read(&cluster, &ids, &rec, &trace, &mut violations).await;
     check_convergence(&cluster, &ids, &trace, &mut violations).await;
 
     let _ = watch_stop_tx.send(true);
     let _ = leaders.await;
+    let (bank_transfers_ok, bank_reads_ok) =
+        rec.lock().map(|r| (r.bank_transfers_ok, r.bank_reads_ok)).unwrap_or((0, 0));
     let (events, ok, failed, unknown, eventual) = {
         let r = rec.lock().map_err(|_| "recorder poisoned".to_string())?;
         violations.extend(r.session_violations.iter().cloned());
+        violations.extend(r.bank_violations.iter().cloned());
         (r.events.clone(), r.ok, r.failed, r.unknown, r.eventual.clone())
     };
     let mut bad_lines = Vec::new();
@@ -245,6 +261,8 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
         marks: trace.marks(),
         bad_lines,
         eventual_reads: eventual.len() as u64,
+        bank_transfers_ok,
+        bank_reads_ok,
     })
 }
 
@@ -264,6 +282,133 @@ async fn call<T>(ep: &Endpoint, fut: impl std::future::Future<Output = T>) -> Op
         _ = ep.dead.wait() => None,
         r = tokio::time::timeout(CLIENT_TIMEOUT, fut) => r.ok(),
     }
+}
+
+fn account_ids() -> Vec<String> {
+    (0..ACCOUNTS).map(|i| format!("a{i}")).collect()
+}
+
+/// Opens the bank: every account at `BALANCE_START`, in one atomic batch.
+async fn open_accounts(cluster: &tokio::sync::Mutex<SimCluster>, ids: &[u64]) -> Result<(), String> {
+    for attempt in 0..100u64 {
+        let id = ids[(attempt as usize) % ids.len()];
+        if let Some(api) = api_of(cluster, id).await {
+            let writes = account_ids()
+                .into_iter()
+                .map(|a| WriteRequest {
+                    collection: BANK.into(),
+                    id: a,
+                    action: DocAction::Put { json: json!({ "b": BALANCE_START }).to_string(), expected: None },
+                })
+                .collect();
+            if api.write("", writes).await.is_ok() {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    Err("the cluster never accepted the bank accounts".into())
+}
+
+/// Balances and versions of every account from one batch read, or why it failed.
+async fn read_accounts(ep: &Endpoint, consistency: ReadConsistency) -> Option<Vec<(i64, u64)>> {
+    let ids = account_ids();
+    match call(ep, ep.api.batch_get("", BANK, &ids, &consistency)).await {
+        Some(Ok((docs, _))) => docs
+            .into_iter()
+            .map(|(_, d)| {
+                let d = d?;
+                let b = serde_json::from_str::<Value>(&d.json).ok()?.get("b")?.as_i64()?;
+                Some((b, d.version))
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
+/// One bank operation: a transfer between two accounts (an atomic batch conditioned on the
+/// versions just read), or a strong or eventual read of all balances, whose total must be
+/// the invariant total (a batch applies whole on every replica).
+async fn bank_op(ep: &Endpoint, process: i64, rng: &mut ChaCha8Rng, rec: &Shared<Recorder>, trace: &Trace) {
+    let total = BALANCE_START * ACCOUNTS as i64;
+    let roll: f64 = rng.gen();
+    let consistency = if roll < 0.3 { ReadConsistency::Eventual } else { ReadConsistency::Strong };
+    let Some(accounts) = read_accounts(ep, consistency.clone()).await else { return };
+    let sum: i64 = accounts.iter().map(|a| a.0).sum();
+    if let Ok(mut r) = rec.lock() {
+        r.bank_reads_ok += 1;
+        if sum != total {
+            r.bank_violations.push(format!(
+                "bank: a {consistency:?} read by client {process} saw balances {accounts:?}, total {sum}, not {total}"
+            ));
+        }
+    }
+    if roll < 0.6 {
+        return;
+    }
+    let from = rng.gen_range(0..ACCOUNTS);
+    let to = (from + rng.gen_range(1..ACCOUNTS)) % ACCOUNTS;
+    let amount = rng.gen_range(0..=accounts[from].0.max(0));
+    let ids = account_ids();
+    let writes = vec![
+        WriteRequest {
+            collection: BANK.into(),
+            id: ids[from].clone(),
+            action: DocAction::Put {
+                json: json!({ "b": accounts[from].0 - amount }).to_string(),
+                expected: Some(accounts[from].1),
+            },
+        },
+        WriteRequest {
+            collection: BANK.into(),
+            id: ids[to].clone(),
+            action: DocAction::Put {
+                json: json!({ "b": accounts[to].0 + amount }).to_string(),
+                expected: Some(accounts[to].1),
+            },
+        },
+    ];
+    let outcome = call(ep, ep.api.write("", writes)).await;
+    let ok = matches!(outcome, Some(Ok(_)));
+    trace.mark(&format!("client {process}"), &format!("transfer {amount} a{from}->a{to} ok={ok}"), None);
+    if ok {
+        if let Ok(mut r) = rec.lock() {
+            r.bank_transfers_ok += 1;
+        }
+    }
+}
+
+/// After heal: a strong read of all accounts must succeed and keep the total.
+async fn final_bank_read(
+    cluster: &tokio::sync::Mutex<SimCluster>,
+    ids: &[u64],
+    rec: &Shared<Recorder>,
+    trace: &Trace,
+    violations: &mut Vec<String>,
+) {
+    let deadline = tokio::time::Instant::now() + HEAL_TIMEOUT;
+    let mut attempt = 0usize;
+    while tokio::time::Instant::now() < deadline {
+        let node = ids[attempt % ids.len()];
+        attempt += 1;
+        if let Some(ep) = endpoint_of(cluster, node).await {
+            if let Some(accounts) = read_accounts(&ep, ReadConsistency::Strong).await {
+                let sum: i64 = accounts.iter().map(|a| a.0).sum();
+                let total = BALANCE_START * ACCOUNTS as i64;
+                trace.mark("faults", &format!("final bank read: {accounts:?}"), None);
+                if sum != total {
+                    violations.push(format!("bank: final balances {accounts:?} total {sum}, not {total}"));
+                }
+                if let Ok(mut r) = rec.lock() {
+                    r.bank_reads_ok += 1;
+                }
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    violations
+        .push(format!("liveness: no strong read of the bank accounts succeeded within {HEAL_TIMEOUT:?} after heal"));
 }
 
 async fn create_collection(cluster: &tokio::sync::Mutex<SimCluster>, ids: &[u64]) -> Result<(), String> {
@@ -315,8 +460,10 @@ async fn client_loop(
             }
         } else if roll < 0.82 {
             do_eventual_read(&ep, process, &key, &rec, &trace).await;
-        } else if roll < 0.9 {
+        } else if roll < 0.86 {
             do_session_read(&ep, process, &key, &mut session, &rec, &trace).await;
+        } else if roll < 0.9 {
+            bank_op(&ep, process, &mut rng, &rec, &trace).await;
         } else {
             // Compare-and-set: read the current value, then write only over that version.
             let Some((current, version, token)) = do_read(&ep, process, &key, &rec, &trace).await else { continue };

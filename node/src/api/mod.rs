@@ -303,10 +303,22 @@ impl NodeApi {
                 slot.insert(self.read_position(g, consistency).await?);
             }
         }
+        // One consistent read of every key: a batch applied meanwhile is seen whole or not
+        // at all (a shard applies each entry atomically).
+        let keys: Vec<Vec<u8>> = ids.iter().map(|id| keys::doc_key(tenant, collection, id)).collect();
+        let values = self.host.engine().multi_get(Cf::Data, &keys)?;
         let mut out = Vec::with_capacity(ids.len());
         let mut bytes = 0;
-        for id in ids {
-            let d = self.read_doc(tenant, collection, id)?;
+        for (id, value) in ids.iter().zip(values) {
+            let d = match value {
+                None => None,
+                Some(v) => {
+                    let d = StoredDoc::decode(&v).ok_or_else(|| ApiError::Internal {
+                        message: format!("stored document {collection}/{id} is corrupt"),
+                    })?;
+                    Some(DocView { collection: collection.into(), id: id.clone(), version: d.version, json: d.json })
+                }
+            };
             bytes += d.as_ref().map(|d| d.json.len()).unwrap_or(0);
             out.push((id.clone(), d));
         }

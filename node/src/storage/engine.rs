@@ -118,6 +118,8 @@ pub trait KvEngine: Send + Sync + 'static {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError>;
     /// Up to `limit` pairs with `start <= key < end` (`end` empty: no upper bound), in order.
     fn scan(&self, cf: Cf, start: &[u8], end: &[u8], limit: usize) -> Result<KvPairs, EngineError>;
+    /// Reads several keys from one consistent point in time (no write lands between them).
+    fn multi_get(&self, cf: Cf, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, EngineError>;
     /// The last pair with `start <= key < end` (`end` empty: no upper bound).
     fn last(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<KvPair>, EngineError>;
     /// Applies `batch` atomically; with `sync` it is durable on return.
@@ -188,6 +190,8 @@ pub(crate) mod conformance {
         assert_eq!(e.last(Cf::Data, b"s", b"s4").unwrap().map(|p| p.0), Some(b"s3".to_vec()));
         assert_eq!(e.last(Cf::Data, b"s", &prefix_end(b"s")).unwrap().map(|p| p.0), Some(b"s4".to_vec()));
         assert_eq!(e.last(Cf::Data, b"t", b"u").unwrap(), None);
+        let got = e.multi_get(Cf::Data, &[b"s2".to_vec(), b"nope".to_vec(), b"s1".to_vec()]).unwrap();
+        assert_eq!(got, vec![Some(b"s2".to_vec()), None, Some(b"s1".to_vec())]);
     }
 
     fn delete_range(e: &dyn KvEngine) {

@@ -106,6 +106,12 @@ impl KvEngine for MemEngine {
         Ok(scan_tables(&self.lock().visible, cf, start, end, limit))
     }
 
+    fn multi_get(&self, cf: Cf, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
+        let inner = self.lock();
+        let table = inner.visible.get(&cf);
+        Ok(keys.iter().map(|k| table.and_then(|t| t.get(k)).cloned()).collect())
+    }
+
     fn last(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<KvPair>, EngineError> {
         let inner = self.lock();
         let Some(t) = inner.visible.get(&cf) else { return Ok(None) };

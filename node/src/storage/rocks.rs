@@ -80,6 +80,17 @@ impl KvEngine for RocksEngine {
         scan_with(iter, end, limit)
     }
 
+    fn multi_get(&self, cf: Cf, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
+        // One implicit snapshot for the whole call: RocksDB's MultiGet reads every key at the
+        // same sequence number.
+        let handle = self.cf(cf)?;
+        self.db
+            .batched_multi_get_cf(handle, keys, false)
+            .into_iter()
+            .map(|r| r.map(|v| v.map(|p| p.to_vec())).map_err(io))
+            .collect()
+    }
+
     fn last(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<KvPair>, EngineError> {
         let mut ro = ReadOptions::default();
         ro.set_iterate_lower_bound(start.to_vec());
