@@ -74,7 +74,7 @@ pub struct ReplayArgs {
 /// Runs the one seed of `args.run` and writes its timeline; returns true when it passed.
 pub fn replay(args: &ReplayArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
     let seed = args.run.seed.ok_or_else(|| anyhow::anyhow!("replay needs --seed N"))?;
-    let faults = args.run.faults == "all";
+    let faults = crate::run::FaultKind::parse_list(&args.run.faults).map_err(anyhow::Error::msg)?;
     floe_node::planted::plant(args.run.plant.as_deref()).map_err(anyhow::Error::msg)?;
     let config = crate::run::RunConfig {
         seed,
@@ -120,7 +120,7 @@ pub struct RunArgs {
     /// Documents (registers) the clients share.
     #[arg(long, default_value_t = 4)]
     pub keys: u64,
-    /// Fault injection: `all` (crashes, partitions, one-way cuts, loss/duplication/delay) or `none`.
+    /// Fault classes: `all`, `none`, or a comma list of crash, partition, cut, net, disk.
     #[arg(long, default_value = "all")]
     pub faults: String,
     /// Plant a known bug (needs the `planted-bugs` feature): stale-strong-read, ack-before-commit.
@@ -150,11 +150,7 @@ pub fn run_seeds(args: &RunArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
         (None, Some(r)) => parse_seed_range(r).map_err(anyhow::Error::msg)?,
         (None, None) => 0..1,
     };
-    let faults = match args.faults.as_str() {
-        "all" => true,
-        "none" => false,
-        other => anyhow::bail!("--faults {other:?}: expected all or none"),
-    };
+    let faults = crate::run::FaultKind::parse_list(&args.faults).map_err(anyhow::Error::msg)?;
     floe_node::planted::plant(args.plant.as_deref()).map_err(anyhow::Error::msg)?;
     let (mut ops, mut sim, mut wall, mut bad, mut fault_total) = (0u64, 0f64, 0f64, Vec::new(), 0u64);
     for seed in seeds.clone() {
@@ -164,7 +160,7 @@ pub fn run_seeds(args: &RunArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
             ops: args.ops,
             clients: args.clients,
             keys: args.keys,
-            faults,
+            faults: faults.clone(),
         };
         let report = crate::run::run_seed(&config).map_err(anyhow::Error::msg)?;
         ops += report.ops_ok + report.ops_failed + report.ops_unknown;

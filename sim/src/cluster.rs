@@ -41,6 +41,8 @@ pub struct Endpoint {
 pub struct SimNode {
     pub id: u64,
     pub engine: Arc<MemEngine>,
+    /// Latency injected into every synced write of this node (µs), shared across restarts.
+    pub disk_latency_us: Arc<std::sync::atomic::AtomicU64>,
     pub running: Option<Incarnation>,
     config: NodeConfig,
 }
@@ -69,7 +71,16 @@ impl SimCluster {
     pub fn new(count: u64, net: Arc<SimNet>) -> Self {
         let nodes = (1..=count)
             .map(|id| {
-                (id, SimNode { id, engine: Arc::new(MemEngine::new()), running: None, config: node_config(id, count) })
+                (
+                    id,
+                    SimNode {
+                        id,
+                        engine: Arc::new(MemEngine::new()),
+                        disk_latency_us: Arc::default(),
+                        running: None,
+                        config: node_config(id, count),
+                    },
+                )
             })
             .collect();
         Self { nodes, net }
@@ -88,6 +99,13 @@ impl SimCluster {
         }
         let engine: Engine = node.engine.clone();
         let writer = GroupCommit::inline(engine.clone());
+        if let Some(latency) = writer.inline_latency_us() {
+            latency.store(
+                node.disk_latency_us.load(std::sync::atomic::Ordering::Relaxed),
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            node.disk_latency_us = latency;
+        }
         let transport = Arc::new(SimTransport { net: net.clone() });
         let (host, api) =
             server::build_core(&node.config, engine, writer, transport).await.map_err(|e| e.to_string())?;
@@ -112,6 +130,8 @@ impl SimCluster {
             inc.host.shutdown().await;
         }
         node.engine.crash(keep_unsynced);
+        // A restarted process gets a healthy disk back.
+        node.engine.set_fail_writes(None);
     }
 
     pub fn api(&self, id: u64) -> Option<Arc<NodeApi>> {

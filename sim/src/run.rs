@@ -34,6 +34,57 @@ pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(8);
 /// Bound on the heal phase (simulated).
 pub const HEAL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The fault classes a run may inject.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum FaultKind {
+    /// Kill a node (unsynced writes lost, possibly a torn prefix kept), restart it later.
+    Crash,
+    /// Cut every link of one node (often the leader) both ways.
+    Partition,
+    /// Cut one direction of one link.
+    Cut,
+    /// Message loss, duplication and delay spikes on every link.
+    Net,
+    /// A slow disk (every synced write delayed), or a failing disk (writes error until the
+    /// node is restarted: fail-stop, no fsync retry).
+    Disk,
+}
+
+impl FaultKind {
+    pub const ALL: [FaultKind; 5] =
+        [FaultKind::Crash, FaultKind::Partition, FaultKind::Cut, FaultKind::Net, FaultKind::Disk];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            FaultKind::Crash => "crash",
+            FaultKind::Partition => "partition",
+            FaultKind::Cut => "cut",
+            FaultKind::Net => "net",
+            FaultKind::Disk => "disk",
+        }
+    }
+
+    /// Parses `all`, `none` or a comma list of names.
+    pub fn parse_list(text: &str) -> Result<Vec<FaultKind>, String> {
+        match text {
+            "all" => return Ok(Self::ALL.to_vec()),
+            "none" | "" => return Ok(Vec::new()),
+            _ => {}
+        }
+        let mut out = Vec::new();
+        for part in text.split(',').map(str::trim) {
+            let kind = Self::ALL
+                .into_iter()
+                .find(|k| k.name() == part)
+                .ok_or_else(|| format!("unknown fault {part:?}; known: all, none, crash, partition, cut, net, disk"))?;
+            if !out.contains(&kind) {
+                out.push(kind);
+            }
+        }
+        Ok(out)
+    }
+}
+
 /// What to run.
 #[derive(Clone, Debug)]
 pub struct RunConfig {
@@ -42,12 +93,12 @@ pub struct RunConfig {
     pub ops: u64,
     pub clients: u64,
     pub keys: u64,
-    pub faults: bool,
+    pub faults: Vec<FaultKind>,
 }
 
 impl Default for RunConfig {
     fn default() -> Self {
-        Self { seed: 0, nodes: 3, ops: 300, clients: 4, keys: 4, faults: true }
+        Self { seed: 0, nodes: 3, ops: 300, clients: 4, keys: 4, faults: FaultKind::ALL.to_vec() }
     }
 }
 
@@ -162,9 +213,9 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
 
     let rec: Shared<Recorder> = Arc::default();
     let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-    let faults = if config.faults {
+    let faults = if !config.faults.is_empty() {
         let rng = ChaCha8Rng::seed_from_u64(master.gen());
-        Some(tokio::spawn(fault_loop(cluster.clone(), net.clone(), trace.clone(), rng, done_rx)))
+        Some(tokio::spawn(fault_loop(cluster.clone(), net.clone(), trace.clone(), rng, done_rx, config.faults.clone())))
     } else {
         None
     };
@@ -704,6 +755,7 @@ async fn fault_loop(
     trace: Arc<Trace>,
     mut rng: ChaCha8Rng,
     done: tokio::sync::watch::Receiver<bool>,
+    kinds: Vec<FaultKind>,
 ) -> u64 {
     let ids = cluster.lock().await.ids();
     let mut count = 0;
@@ -715,8 +767,21 @@ async fn fault_loop(
         let victim = ids[rng.gen_range(0..ids.len())];
         let length = Duration::from_millis(rng.gen_range(500..4_000));
         count += 1;
-        match rng.gen_range(0..4) {
-            0 => {
+        let kind = kinds[rng.gen_range(0..kinds.len())];
+        // Bias partitions toward the shard leader, where they hurt most.
+        let victim = if kind == FaultKind::Partition && rng.gen_bool(0.5) {
+            let c = cluster.lock().await;
+            c.nodes
+                .values()
+                .filter_map(|n| n.running.as_ref()?.host.group(floe_node::keys::FIRST_SHARD)?.leader())
+                .map(|l| l.0)
+                .next()
+                .unwrap_or(victim)
+        } else {
+            victim
+        };
+        match kind {
+            FaultKind::Crash => {
                 let pending = cluster.lock().await.nodes.get(&victim).map(|n| n.engine.pending_batches()).unwrap_or(0);
                 let keep = if pending == 0 { 0 } else { rng.gen_range(0..=pending) };
                 trace.mark(
@@ -729,20 +794,20 @@ async fn fault_loop(
                 let restarted = cluster.lock().await.start(victim).await;
                 trace.mark("faults", &format!("restart n{victim} ok={}", restarted.is_ok()), None);
             }
-            1 => {
+            FaultKind::Partition => {
                 trace.mark("faults", &format!("isolate n{victim} for={}ms", length.as_millis()), None);
                 net.isolate(victim, &ids);
                 tokio::time::sleep(length).await;
                 net.heal();
             }
-            2 => {
+            FaultKind::Cut => {
                 let other = ids[rng.gen_range(0..ids.len())];
                 trace.mark("faults", &format!("cut n{victim}->n{other} for={}ms", length.as_millis()), None);
                 net.cut_one_way(victim, other);
                 tokio::time::sleep(length).await;
                 net.heal();
             }
-            _ => {
+            FaultKind::Net => {
                 let profile = NetProfile {
                     loss: rng.gen_range(0.01..0.2),
                     duplicate: rng.gen_range(0.0..0.2),
@@ -753,6 +818,40 @@ async fn fault_loop(
                 net.set_profile(profile);
                 tokio::time::sleep(length).await;
                 net.set_profile(NetProfile::calm());
+            }
+            FaultKind::Disk if rng.gen_bool(0.5) => {
+                let us = rng.gen_range(1_000..50_000);
+                trace.mark(
+                    "faults",
+                    &format!("slow disk n{victim} {us}us per sync for={}ms", length.as_millis()),
+                    None,
+                );
+                let latency = cluster.lock().await.nodes.get(&victim).map(|n| n.disk_latency_us.clone());
+                if let Some(l) = &latency {
+                    l.store(us, std::sync::atomic::Ordering::Relaxed);
+                }
+                tokio::time::sleep(length).await;
+                let latency = cluster.lock().await.nodes.get(&victim).map(|n| n.disk_latency_us.clone());
+                if let Some(l) = latency {
+                    l.store(0, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+            FaultKind::Disk => {
+                trace.mark(
+                    "faults",
+                    &format!("failing disk n{victim} for={}ms, then restart", length.as_millis()),
+                    None,
+                );
+                let engine = cluster.lock().await.nodes.get(&victim).map(|n| n.engine.clone());
+                if let Some(e) = engine {
+                    e.set_fail_writes(Some("EIO (simulated)".into()));
+                }
+                tokio::time::sleep(length).await;
+                // Fail-stop: the operator restarts the node; nothing unsynced survives.
+                let mut c = cluster.lock().await;
+                c.crash(victim, 0).await;
+                let restarted = c.start(victim).await;
+                trace.mark("faults", &format!("restart n{victim} ok={}", restarted.is_ok()), None);
             }
         }
         trace.mark("faults", "healed", None);

@@ -31,7 +31,9 @@ pub struct GroupCommitStats {
 
 enum Mode {
     Thread(mpsc::Sender<Job>),
-    Inline(Engine),
+    /// Writes on the caller; each synced write first waits the injected latency (µs), so the
+    /// simulator can model a slow disk in simulated time.
+    Inline(Engine, Arc<AtomicU64>),
 }
 
 /// Handle to a node's synced-write path. Cheap to clone.
@@ -75,13 +77,25 @@ impl GroupCommit {
 
     /// Writes synchronously on the caller; for the single-threaded simulator and unit tests.
     pub fn inline(engine: Engine) -> Self {
-        Self { mode: Arc::new(Mode::Inline(engine)), stats: Arc::default() }
+        Self { mode: Arc::new(Mode::Inline(engine, Arc::default())), stats: Arc::default() }
+    }
+
+    /// The injected latency of each synced write in inline mode (µs); `None` for the thread.
+    pub fn inline_latency_us(&self) -> Option<Arc<AtomicU64>> {
+        match &*self.mode {
+            Mode::Inline(_, latency) => Some(latency.clone()),
+            Mode::Thread(_) => None,
+        }
     }
 
     /// Writes `batch` durably; returns once it is on disk.
     pub async fn write_synced(&self, batch: WriteBatch) -> Result<(), EngineError> {
         match &*self.mode {
-            Mode::Inline(engine) => {
+            Mode::Inline(engine, latency) => {
+                let us = latency.load(Ordering::Relaxed);
+                if us > 0 {
+                    tokio::time::sleep(std::time::Duration::from_micros(us)).await;
+                }
                 self.stats.syncs.fetch_add(1, Ordering::Relaxed);
                 self.stats.batches.fetch_add(1, Ordering::Relaxed);
                 engine.write(batch, true)
