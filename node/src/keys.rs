@@ -24,6 +24,19 @@ const CATALOG_COLLECTION: u8 = b'c';
 const CATALOG_SHARD: u8 = b's';
 const CATALOG_CLUSTER: u8 = b'k';
 
+/// Tenant reserved for Floe's own per-shard records; user tenant names cannot start with `.`.
+pub const SYSTEM_TENANT: &str = ".floe";
+
+/// Key of the stored answer to request `request_id` (write deduplication).
+pub fn dedup_key(request_id: &str) -> Vec<u8> {
+    doc_key(SYSTEM_TENANT, "dedup", request_id)
+}
+
+/// Key recording which request was applied at log `index` (for evicting old answers).
+pub fn dedup_index_key(index: u64) -> Vec<u8> {
+    doc_key(SYSTEM_TENANT, "dedup-by-index", &format!("{index:020}"))
+}
+
 /// Key of one document.
 pub fn doc_key(tenant: &str, collection: &str, id: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(3 + tenant.len() + collection.len() + id.len());

@@ -110,6 +110,9 @@ pub struct NodeApi {
     catalog: CatalogReader,
     pub metrics: Arc<Metrics>,
     load: Mutex<BTreeMap<GroupId, RateMeter>>,
+    /// Request ids: `node-nonce-counter`, unique across restarts (the nonce is random).
+    request_nonce: u64,
+    request_counter: std::sync::atomic::AtomicU64,
 }
 
 fn tenant_or_default(t: &str) -> &str {
@@ -123,7 +126,17 @@ fn tenant_or_default(t: &str) -> &str {
 impl NodeApi {
     pub fn new(node_id: NodeId, limits: Limits, host: Arc<RaftHost>, metrics: Arc<Metrics>) -> Self {
         let catalog = CatalogReader::new(host.engine().clone());
-        Self { node_id, limits, host, catalog, metrics, load: Mutex::new(BTreeMap::new()) }
+        let request_nonce = rand::RngCore::next_u64(&mut crate::raft::runtime::FloeRng);
+        Self {
+            node_id,
+            limits,
+            host,
+            catalog,
+            metrics,
+            load: Mutex::new(BTreeMap::new()),
+            request_nonce,
+            request_counter: std::sync::atomic::AtomicU64::new(0),
+        }
     }
 
     pub fn host(&self) -> &Arc<RaftHost> {
@@ -404,7 +417,9 @@ impl NodeApi {
             self.ensure_collection(&tenant, c).await?;
         }
         self.record_load(group);
-        let batch = DocBatch { tenant, ops, limits: self.limits };
+        let n = self.request_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let request_id = Some(format!("{:x}-{:x}-{n:x}", self.node_id, self.request_nonce));
+        let batch = DocBatch { tenant, ops, limits: self.limits, request_id };
         if crate::planted::is_planted("ack-before-commit") {
             return Ok(self.ack_before_commit(group, batch, bytes));
         }

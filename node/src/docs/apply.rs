@@ -192,7 +192,7 @@ mod tests {
         }
         fn run(&mut self, ops: Vec<DocOp>) -> Result<Vec<DocWriteResult>, BatchError> {
             self.index += 1;
-            let batch = DocBatch { tenant: "t".into(), ops, limits: Limits::default() };
+            let batch = DocBatch { tenant: "t".into(), ops, limits: Limits::default(), request_id: None };
             let map = &self.map;
             let out = apply_batch(|k| Ok::<_, Infallible>(map.get(k).cloned()), self.index, &batch).unwrap();
             let (changes, results) = out?;
@@ -303,6 +303,7 @@ mod tests {
             tenant: "t".into(),
             ops: vec![op("a", DocAction::MergePatch { patch: r#"{"y":"0123456789abcdef"}"#.into(), expected: None })],
             limits: lim,
+            request_id: None,
         };
         let map = &s.map;
         let out = apply_batch(|k| Ok::<_, Infallible>(map.get(k).cloned()), s.index, &batch).unwrap();

@@ -50,6 +50,10 @@ pub struct DocBatch {
     pub tenant: String,
     pub ops: Vec<DocOp>,
     pub limits: Limits,
+    /// Unique per client request. A batch whose id was applied before (a retried proposal)
+    /// is not applied again: the stored answer is returned instead.
+    #[serde(default)]
+    pub request_id: Option<String>,
 }
 
 /// Result of one applied operation.

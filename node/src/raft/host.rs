@@ -330,16 +330,22 @@ impl RaftHost {
                 }
                 _ => ForwardResponse::NotLeader { leader: None },
             };
+            // A write that is not idempotent is retried only while every attempt certainly
+            // failed to reach a log; an idempotent one (deduplicated at apply) always may be.
+            let idempotent = match &req {
+                ForwardRequest::Propose(cmd) => cmd.is_idempotent(),
+                ForwardRequest::ReadIndex => true,
+            };
             let retry = match &resp {
                 ForwardResponse::NotLeader { leader } => {
                     hint = leader.clone();
-                    true
+                    idempotent || retry_safe
                 }
                 ForwardResponse::Failed(GroupError::Unavailable { retry_safe: true, .. }) => true,
+                ForwardResponse::Failed(GroupError::Unavailable { retry_safe: false, .. }) => idempotent,
                 _ => false,
             };
-            let is_write = matches!(req, ForwardRequest::Propose(_));
-            if !retry || (is_write && !retry_safe) {
+            if !retry {
                 return Ok(resp);
             }
             let backoff = Duration::from_millis((20u64 << attempt.min(5)).min(500));

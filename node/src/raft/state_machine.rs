@@ -28,6 +28,10 @@ use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
 use std::io::Cursor;
 use std::sync::{Arc, Mutex};
 
+/// Log entries for which a request's answer is kept: a retried proposal arriving later than
+/// this is applied again (a retry comes within the request timeout, seconds).
+pub const DEDUP_WINDOW: u64 = 100_000;
+
 /// Snapshot data kept for sending to followers: meta and encoded pairs.
 type StoredSnapshot = Arc<Mutex<Option<(SnapshotMeta, Vec<u8>)>>>;
 
@@ -138,8 +142,14 @@ impl GroupStateMachine {
                             .ok_or_else(|| EngineError::Corrupt(format!("document at {}", keys::to_hex(k)))),
                     }
                 };
+                if let Some(id) = &doc_batch.request_id {
+                    if let Some(stored) = engine.get(Cf::Data, &keys::dedup_key(id)).map_err(sm_read_err)? {
+                        // A retried proposal of a request that was applied already.
+                        return serde_json::from_slice(&stored).map_err(sm_read_err);
+                    }
+                }
                 let outcome = docs::apply_batch(read, index, doc_batch).map_err(sm_read_err)?;
-                match outcome {
+                let resp = match outcome {
                     Ok((changes, results)) => {
                         for (k, v) in changes {
                             match v {
@@ -147,10 +157,15 @@ impl GroupStateMachine {
                                 None => batch.delete(Cf::Data, k),
                             }
                         }
-                        Ok(CommandResponse::Docs(Ok(results)))
+                        CommandResponse::Docs(Ok(results))
                     }
-                    Err(e) => Ok(CommandResponse::Docs(Err(e))),
+                    Err(e) => CommandResponse::Docs(Err(e)),
+                };
+                if let Some(id) = &doc_batch.request_id {
+                    batch.put(Cf::Data, keys::dedup_key(id), serde_json::to_vec(&resp).map_err(sm_write_err)?);
+                    batch.put(Cf::Data, keys::dedup_index_key(index), id.as_bytes().to_vec());
                 }
+                Ok(resp)
             }
             Command::DropCollectionData { tenant, collection } => {
                 if self.group == keys::META_GROUP {
@@ -185,6 +200,21 @@ impl GroupStateMachine {
                 Ok(CommandResponse::Catalog(resp))
             }
         }
+    }
+
+    /// Forgets the request applied `DEDUP_WINDOW` entries ago (runs for every entry, so every
+    /// record is evicted exactly once, deterministically on every replica).
+    fn evict_dedup(&self, index: u64, batch: &mut WriteBatch) -> Result<(), StorageError> {
+        if self.group == keys::META_GROUP || index <= DEDUP_WINDOW {
+            return Ok(());
+        }
+        let old = keys::dedup_index_key(index - DEDUP_WINDOW);
+        if let Some(id) = self.engine.get(Cf::Data, &old).map_err(sm_read_err)? {
+            let id = String::from_utf8_lossy(&id).into_owned();
+            batch.delete(Cf::Data, keys::dedup_key(&id));
+            batch.delete(Cf::Data, old);
+        }
+        Ok(())
     }
 
     fn capture(&self) -> Result<(SnapshotMeta, Vec<u8>), StorageError> {
@@ -253,6 +283,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
                 }
                 EntryPayload::Normal(cmd) => self.apply_command(log_id.index, cmd, &mut batch)?,
             };
+            self.evict_dedup(log_id.index, &mut batch)?;
             self.put_applied(&mut batch, &log_id)?;
             self.engine.write(batch, false).map_err(sm_write_err)?;
             self.applied = Some(log_id);
@@ -335,6 +366,61 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::docs::{DocAction, DocBatch, DocOp, Limits};
+    use crate::storage::mem::MemEngine;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(index: u64, cmd: Command) -> Entry {
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(cmd) }
+    }
+
+    fn append(id: &str, request_id: &str) -> Command {
+        Command::Docs(DocBatch {
+            tenant: "t".into(),
+            ops: vec![DocOp {
+                collection: "c".into(),
+                id: id.into(),
+                action: DocAction::JsonPatch {
+                    patch: r#"[{"op":"add","path":"/l/-","value":1}]"#.into(),
+                    expected: None,
+                },
+            }],
+            limits: Limits::default(),
+            request_id: Some(request_id.into()),
+        })
+    }
+
+    /// A proposal retried after an ambiguous failure (same request id, later index) must not
+    /// apply twice: the stored answer comes back and the document is unchanged.
+    #[tokio::test]
+    async fn retried_request_applies_once() {
+        let engine: Engine = std::sync::Arc::new(MemEngine::new());
+        let mut sm =
+            GroupStateMachine::open(keys::FIRST_SHARD, engine.clone(), keys::initial_group_range(keys::FIRST_SHARD))
+                .unwrap();
+        let create = Command::Docs(DocBatch {
+            tenant: "t".into(),
+            ops: vec![DocOp {
+                collection: "c".into(),
+                id: "d".into(),
+                action: DocAction::Put { json: r#"{"l":[]}"#.into(), expected: None },
+            }],
+            limits: Limits::default(),
+            request_id: Some("r0".into()),
+        });
+        sm.apply(vec![entry(1, create), entry(2, append("d", "r1"))]).await.unwrap();
+        let first = sm.apply(vec![entry(3, append("d", "r1"))]).await.unwrap();
+        let stored = StoredDoc::decode(&engine.get(Cf::Data, &keys::doc_key("t", "c", "d")).unwrap().unwrap()).unwrap();
+        assert_eq!(stored.json, r#"{"l":[1]}"#, "the retry did not append again");
+        assert_eq!(stored.version, 2);
+        match &first[0] {
+            CommandResponse::Docs(Ok(r)) => assert_eq!(r[0].version, 2, "the retry gets the first answer"),
+            other => panic!("unexpected {other:?}"),
+        }
+        sm.apply(vec![entry(4, append("d", "r2"))]).await.unwrap();
+        let stored = StoredDoc::decode(&engine.get(Cf::Data, &keys::doc_key("t", "c", "d")).unwrap().unwrap()).unwrap();
+        assert_eq!(stored.json, r#"{"l":[1,1]}"#, "a new request applies");
+    }
 
     #[test]
     fn pairs_round_trip_and_reject_truncation() {

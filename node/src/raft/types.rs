@@ -25,6 +25,17 @@ pub enum Command {
     Catalog(CatalogCommand),
 }
 
+impl Command {
+    /// True when proposing it twice has the effect of proposing it once: document batches
+    /// with a request id (deduplicated at apply), collection drops and catalog commands.
+    pub fn is_idempotent(&self) -> bool {
+        match self {
+            Command::Docs(b) => b.request_id.is_some(),
+            Command::DropCollectionData { .. } | Command::Catalog(_) => true,
+        }
+    }
+}
+
 /// The result of applying one log entry.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CommandResponse {
