@@ -4,12 +4,14 @@
 //! Owns: each node's `MemEngine` (what survives a crash) and its current incarnation (raft
 //! host, API, registration task). A crash stops every raft group of the node, detaches it
 //! from the network and drops every write that was not synced; a restart builds a new
-//! incarnation from what the engine kept, exactly as a restarted process would.
+//! incarnation from what the engine kept, exactly as a restarted process would. A crash
+//! aborts every task the incarnation spawned (a hard kill, `TaskOwner::abort_all`).
 
 use crate::net::{addr_of, SimNet, SimTransport};
 use floe_node::api::NodeApi;
 use floe_node::docs::Limits;
 use floe_node::raft::host::{RaftHost, RaftTuning};
+use floe_node::raft::runtime::TaskOwner;
 use floe_node::server::{self, NodeConfig};
 use floe_node::signal::Flag;
 use floe_node::storage::group_commit::GroupCommit;
@@ -22,6 +24,9 @@ use tokio::sync::watch;
 
 /// One running incarnation of a node.
 pub struct Incarnation {
+    /// Every task of this incarnation (openraft's, the read loops, registration, inbound
+    /// message handlers): aborted together on a crash.
+    pub tasks: TaskOwner,
     pub host: Arc<RaftHost>,
     pub api: Arc<NodeApi>,
     stop: watch::Sender<bool>,
@@ -107,15 +112,18 @@ impl SimCluster {
             node.disk_latency_us = latency;
         }
         let transport = Arc::new(SimTransport { net: net.clone() });
-        let (host, api) =
-            server::build_core(&node.config, engine, writer, transport).await.map_err(|e| e.to_string())?;
+        let tasks = TaskOwner::new();
+        let (host, api) = tasks
+            .scope(server::build_core(&node.config, engine, writer, transport))
+            .await
+            .map_err(|e| e.to_string())?;
         let inbound: Arc<dyn Inbound> = Arc::new(host.clone());
-        net.attach(id, inbound);
-        server::bootstrap(&node.config, &host).await.map_err(|e| e.to_string())?;
+        net.attach(id, inbound, tasks.clone());
+        tasks.scope(server::bootstrap(&node.config, &host)).await.map_err(|e| e.to_string())?;
         let (stop, stop_rx) = watch::channel(false);
-        tokio::spawn(server::register(node.config.clone(), node.config.http_addr.clone(), host.clone(), stop_rx));
+        tasks.spawn(server::register(node.config.clone(), node.config.http_addr.clone(), host.clone(), stop_rx));
         let dead = Arc::new(Flag::new());
-        node.running = Some(Incarnation { host, api, stop, dead });
+        node.running = Some(Incarnation { tasks, host, api, stop, dead });
         Ok(())
     }
 
@@ -125,9 +133,10 @@ impl SimCluster {
         self.net.detach(id);
         let Some(node) = self.nodes.get_mut(&id) else { return };
         if let Some(inc) = node.running.take() {
+            // A hard kill: no task of the incarnation runs another step, nothing is flushed.
             inc.dead.raise();
             let _ = inc.stop.send(true);
-            inc.host.shutdown().await;
+            inc.tasks.abort_all();
         }
         node.engine.crash(keep_unsynced);
         // A restarted process gets a healthy disk back.

@@ -10,6 +10,7 @@
 //! application messages; raft messages are duplicated to test idempotence).
 
 use crate::trace::{fnv1a, Trace};
+use floe_node::raft::runtime::TaskOwner;
 use floe_node::transport::{Envelope, Inbound, RpcKind, Transport, TransportError};
 use futures::future::BoxFuture;
 use rand::Rng;
@@ -37,7 +38,8 @@ impl NetProfile {
 
 struct NetState {
     rng: ChaCha8Rng,
-    live: BTreeMap<u64, Arc<dyn Inbound>>,
+    /// Reachable nodes: their inbound side and the owner their handlers run under.
+    live: BTreeMap<u64, (Arc<dyn Inbound>, TaskOwner)>,
     /// Directed links that drop everything: (from, to).
     cut: BTreeSet<(u64, u64)>,
     profile: NetProfile,
@@ -86,8 +88,8 @@ impl SimNet {
     }
 
     /// Makes node `id` reachable through `inbound` (a new incarnation after a restart).
-    pub fn attach(&self, id: u64, inbound: Arc<dyn Inbound>) {
-        self.with(|s| s.live.insert(id, inbound));
+    pub fn attach(&self, id: u64, inbound: Arc<dyn Inbound>, owner: TaskOwner) {
+        self.with(|s| s.live.insert(id, (inbound, owner)));
     }
 
     /// Makes node `id` unreachable (crashed).
@@ -135,7 +137,7 @@ impl SimNet {
         kind != RpcKind::Forward && self.with(|s| s.profile.duplicate > 0.0 && s.rng.gen_bool(s.profile.duplicate))
     }
 
-    fn target(&self, to: u64) -> Option<Arc<dyn Inbound>> {
+    fn target(&self, to: u64) -> Option<(Arc<dyn Inbound>, TaskOwner)> {
         self.with(|s| s.live.get(&to).cloned())
     }
 
@@ -159,13 +161,17 @@ impl SimNet {
             return Err(TransportError::Timeout(timeout));
         };
         tokio::time::sleep(delay).await;
-        let Some(inbound) = self.target(to) else {
+        let Some((inbound, owner)) = self.target(to) else {
             self.trace.record(&format!("refused {label}"));
             return Err(TransportError::Unreachable(format!("node {to} is down")));
         };
         self.trace.record(&format!("deliver {label}"));
-        let reply = match tokio::time::timeout(timeout, deliver(inbound)).await {
-            Ok(r) => r,
+        // The handler runs as a task of the receiving node: if that node is killed while
+        // handling, the task dies with it and the caller sees a broken connection.
+        let handler = owner.spawn(deliver(inbound));
+        let reply = match tokio::time::timeout(timeout, handler).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => return Err(TransportError::Network(format!("node {to} died while handling the message"))),
             Err(_) => return Err(TransportError::Timeout(timeout)),
         };
         let Fate::Deliver(back) = self.fate(to, from) else {

@@ -72,6 +72,15 @@ fn regression_no_answer_from_a_crashed_node() {
     }
 }
 
+/// Regression (seed 1046, 1,000 ops): a read's session token was its read position, but the
+/// replica had applied past it and returned a newer version; a later SESSION read with that
+/// token on another replica went behind the version the client had seen.
+#[test]
+fn regression_session_token_covers_what_was_read() {
+    let r = run_seed(&RunConfig { seed: 1046, ops: 1000, ..RunConfig::default() }).expect("run");
+    assert!(r.violations.is_empty(), "{:?}", r.violations);
+}
+
 #[cfg(feature = "planted-bugs")]
 mod planted {
     use super::*;

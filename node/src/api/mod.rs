@@ -162,6 +162,15 @@ impl NodeApi {
         })
     }
 
+    /// The session position a read reflects. The replica may have applied past the read's
+    /// position before it read, so the data can be newer than the position: the token must
+    /// cover what was returned (found by the simulator, seed 1046: a session read went behind
+    /// a version its client had already read).
+    fn seen_position(&self, group: GroupId, position: u64, newest_version_read: u64) -> u64 {
+        let applied = self.host.group(group).map(|g| g.applied_index()).unwrap_or(0);
+        position.max(newest_version_read).max(applied)
+    }
+
     fn meta_for(&self, group: GroupId, index: u64, units: f64) -> ResponseMeta {
         let leader = self.host.group(group).and_then(|g| g.leader());
         ResponseMeta {
@@ -243,15 +252,7 @@ impl NodeApi {
 
     fn read_doc(&self, tenant: &str, collection: &str, id: &str) -> Result<Option<DocView>, ApiError> {
         let key = keys::doc_key(tenant, collection, id);
-        match self.host.engine().get(Cf::Data, &key)? {
-            None => Ok(None),
-            Some(v) => {
-                let d = StoredDoc::decode(&v).ok_or_else(|| ApiError::Internal {
-                    message: format!("stored document {collection}/{id} is corrupt"),
-                })?;
-                Ok(Some(DocView { collection: collection.into(), id: id.into(), version: d.version, json: d.json }))
-            }
-        }
+        self.host.engine().get(Cf::Data, &key)?.map(|v| doc_view(collection, id, &v)).transpose()
     }
 
     /// Reads one document.
@@ -277,7 +278,8 @@ impl NodeApi {
         match self.read_doc(tenant, collection, id)? {
             Some(doc) => {
                 let units = read_units(doc.json.len());
-                Ok((doc, self.meta_for(group, position, units)))
+                let seen = self.seen_position(group, position, doc.version);
+                Ok((doc, self.meta_for(group, seen, units)))
             }
             None => {
                 Err(ApiError::NotFound { code: "not_found", message: format!("document {collection}/{id} not found") })
@@ -323,20 +325,14 @@ impl NodeApi {
         let mut out = Vec::with_capacity(ids.len());
         let mut bytes = 0;
         for (id, value) in ids.iter().zip(values) {
-            let d = match value {
-                None => None,
-                Some(v) => {
-                    let d = StoredDoc::decode(&v).ok_or_else(|| ApiError::Internal {
-                        message: format!("stored document {collection}/{id} is corrupt"),
-                    })?;
-                    Some(DocView { collection: collection.into(), id: id.clone(), version: d.version, json: d.json })
-                }
-            };
+            let d = value.map(|v| doc_view(collection, id, &v)).transpose()?;
             bytes += d.as_ref().map(|d| d.json.len()).unwrap_or(0);
             out.push((id.clone(), d));
         }
         let (group, position) = positions.iter().next().map(|(g, p)| (*g, *p)).unwrap_or((keys::FIRST_SHARD, 0));
-        Ok((out, self.meta_for(group, position, read_units(bytes))))
+        let newest = out.iter().filter_map(|(_, d)| d.as_ref().map(|d| d.version)).max().unwrap_or(0);
+        let seen = self.seen_position(group, position, newest);
+        Ok((out, self.meta_for(group, seen, read_units(bytes))))
     }
 
     /// Validates one write and returns it with canonical JSON text.
@@ -448,7 +444,7 @@ impl NodeApi {
             .map(|o| DocWriteResult { collection: o.collection.clone(), id: o.id.clone(), version: 0, json: None })
             .collect();
         let host = self.host.clone();
-        tokio::spawn(async move {
+        crate::raft::runtime::spawn(async move {
             let _ = host.propose(group, Command::Docs(batch)).await;
         });
         (results, self.meta_for(group, 0, write_units(bytes)))
@@ -548,6 +544,13 @@ impl NodeApi {
     pub fn request_timeout(&self) -> Duration {
         self.host.config.tuning.request_timeout
     }
+}
+
+/// Decodes a stored document value into what users see.
+fn doc_view(collection: &str, id: &str, stored: &[u8]) -> Result<DocView, ApiError> {
+    let d = StoredDoc::decode(stored)
+        .ok_or_else(|| ApiError::Internal { message: format!("stored document {collection}/{id} is corrupt") })?;
+    Ok(DocView { collection: collection.into(), id: id.into(), version: d.version, json: d.json })
 }
 
 /// How long a replica waits to catch up to a session token before forwarding.

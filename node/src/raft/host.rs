@@ -207,7 +207,7 @@ impl RaftHost {
         let config = self.raft_config().map_err(fatal)?;
         let raft = Raft::new(self.config.node_id, config, network, log, sm).await.map_err(|e| fatal(e.to_string()))?;
         let (reads, rx) = mpsc::channel(READ_QUEUE_MAX);
-        tokio::spawn(read_index_loop(raft.clone(), rx));
+        super::runtime::spawn(read_index_loop(raft.clone(), rx));
         let handle = Arc::new(GroupHandle { group, raft, applied, reads });
         let mut groups = self.groups.lock().map_err(|_| fatal("registry poisoned".into()))?;
         // Registered under the lock: a concurrent start of the same group loses here and its

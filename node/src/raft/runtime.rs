@@ -6,7 +6,12 @@
 //! entropy by default, or from a fixed seed by `seed_thread_rng` (the simulator runs a whole
 //! cluster on one thread and seeds it per run).
 //!
-//! Invariant: nothing else in openraft 0.9 reads randomness; everything else delegates to tokio.
+//! It also owns task ownership: every task spawned through `spawn` (openraft's own tasks
+//! included) inside a `TaskOwner::scope` belongs to that owner, and `abort_all` kills them
+//! all at once, which is how the simulator hard-kills a node.
+//!
+//! Invariant: openraft 0.9 reads no other randomness through the runtime (its few unbiased
+//! `select!`s draw from tokio's own RNG); everything else delegates to tokio.
 
 use openraft::async_runtime::TokioOneShotSender;
 use openraft::{AsyncRuntime, OptionalSend, TokioInstant};
@@ -18,6 +23,64 @@ use std::time::Duration;
 
 thread_local! {
     static THREAD_RNG: RefCell<Option<ChaCha8Rng>> = const { RefCell::new(None) };
+}
+
+tokio::task_local! {
+    static OWNER: TaskOwner;
+}
+
+/// The tasks of one node incarnation. Cheap to clone.
+#[derive(Clone, Default, Debug)]
+pub struct TaskOwner {
+    handles: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl TaskOwner {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs `f` so that every task it spawns through `spawn` belongs to this owner.
+    pub async fn scope<F: Future>(&self, f: F) -> F::Output {
+        OWNER.scope(self.clone(), f).await
+    }
+
+    /// Spawns `f` as a task of this owner.
+    pub fn spawn<F>(&self, f: F) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let handle = tokio::task::spawn(OWNER.scope(self.clone(), f));
+        if let Ok(mut handles) = self.handles.lock() {
+            if handles.len() >= 1024 {
+                handles.retain(|h| !h.is_finished());
+            }
+            handles.push(handle.abort_handle());
+        }
+        handle
+    }
+
+    /// Aborts every task of this owner (a hard kill: no task runs another step).
+    pub fn abort_all(&self) {
+        if let Ok(mut handles) = self.handles.lock() {
+            for h in handles.drain(..) {
+                h.abort();
+            }
+        }
+    }
+}
+
+/// Spawns a task owned by the current task's owner, if any (see `TaskOwner`).
+pub fn spawn<F>(f: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    match OWNER.try_with(|o| o.clone()) {
+        Ok(owner) => owner.spawn(f),
+        Err(_) => tokio::task::spawn(f),
+    }
 }
 
 /// Makes every later draw on this thread deterministic from `seed`.
@@ -73,7 +136,7 @@ impl AsyncRuntime for FloeRuntime {
         T: Future + OptionalSend + 'static,
         T::Output: OptionalSend + 'static,
     {
-        tokio::task::spawn(future)
+        spawn(future)
     }
 
     fn sleep(duration: Duration) -> Self::Sleep {
