@@ -120,7 +120,7 @@ pub struct RunArgs {
     /// Documents (registers) the clients share.
     #[arg(long, default_value_t = 4)]
     pub keys: u64,
-    /// Fault classes: `all`, `none`, or a comma list of crash, partition, cut, net, disk.
+    /// Fault classes: `all`, `none`, or a comma list of crash, partition, cut, net, disk, pause.
     #[arg(long, default_value = "all")]
     pub faults: String,
     /// Plant a known bug (needs the `planted-bugs` feature): stale-strong-read, ack-before-commit.

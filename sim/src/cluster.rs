@@ -40,6 +40,8 @@ pub struct Incarnation {
 pub struct Endpoint {
     pub api: Arc<NodeApi>,
     pub dead: Arc<Flag>,
+    /// Client calls run as tasks of the node, so a paused node serves nothing.
+    pub tasks: TaskOwner,
 }
 
 /// One simulated node.
@@ -143,13 +145,28 @@ impl SimCluster {
         node.engine.set_fail_writes(None);
     }
 
+    /// Pauses (`true`) or resumes node `id`'s incarnation, if running.
+    pub fn set_paused(&self, id: u64, paused: bool) {
+        if let Some(inc) = self.nodes.get(&id).and_then(|n| n.running.as_ref()) {
+            if paused {
+                inc.tasks.pause();
+            } else {
+                inc.tasks.resume();
+            }
+        }
+    }
+
     pub fn api(&self, id: u64) -> Option<Arc<NodeApi>> {
         self.nodes.get(&id)?.running.as_ref().map(|i| i.api.clone())
     }
 
     /// The current incarnation of node `id`, for a client call.
     pub fn endpoint(&self, id: u64) -> Option<Endpoint> {
-        self.nodes.get(&id)?.running.as_ref().map(|i| Endpoint { api: i.api.clone(), dead: i.dead.clone() })
+        self.nodes.get(&id)?.running.as_ref().map(|i| Endpoint {
+            api: i.api.clone(),
+            dead: i.dead.clone(),
+            tasks: i.tasks.clone(),
+        })
     }
 
     pub fn is_up(&self, id: u64) -> bool {

@@ -48,11 +48,13 @@ pub enum FaultKind {
     /// A slow disk (every synced write delayed), or a failing disk (writes error until the
     /// node is restarted: fail-stop, no fsync retry).
     Disk,
+    /// Stop polling every task of a node (SIGSTOP), then let it run on with a stale view.
+    Pause,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 5] =
-        [FaultKind::Crash, FaultKind::Partition, FaultKind::Cut, FaultKind::Net, FaultKind::Disk];
+    pub const ALL: [FaultKind; 6] =
+        [FaultKind::Crash, FaultKind::Partition, FaultKind::Cut, FaultKind::Net, FaultKind::Disk, FaultKind::Pause];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -61,6 +63,7 @@ impl FaultKind {
             FaultKind::Cut => "cut",
             FaultKind::Net => "net",
             FaultKind::Disk => "disk",
+            FaultKind::Pause => "pause",
         }
     }
 
@@ -73,10 +76,9 @@ impl FaultKind {
         }
         let mut out = Vec::new();
         for part in text.split(',').map(str::trim) {
-            let kind = Self::ALL
-                .into_iter()
-                .find(|k| k.name() == part)
-                .ok_or_else(|| format!("unknown fault {part:?}; known: all, none, crash, partition, cut, net, disk"))?;
+            let kind = Self::ALL.into_iter().find(|k| k.name() == part).ok_or_else(|| {
+                format!("unknown fault {part:?}; known: all, none, crash, partition, cut, net, disk, pause")
+            })?;
             if !out.contains(&kind) {
                 out.push(kind);
             }
@@ -325,13 +327,21 @@ async fn endpoint_of(cluster: &tokio::sync::Mutex<SimCluster>, id: u64) -> Optio
     cluster.lock().await.endpoint(id)
 }
 
-/// Runs a client call against `ep`: `None` when it timed out or the node was killed before
-/// answering (the outcome is then unknown).
-async fn call<T>(ep: &Endpoint, fut: impl std::future::Future<Output = T>) -> Option<T> {
+/// Runs a client call against `ep` as a task of that node (a paused node serves nothing):
+/// `None` when it timed out or the node was killed before answering (outcome unknown).
+async fn call<T, Fut>(ep: &Endpoint, f: impl FnOnce(Arc<NodeApi>) -> Fut) -> Option<T>
+where
+    T: Send + 'static,
+    Fut: std::future::Future<Output = T> + Send + 'static,
+{
+    let handle = ep.tasks.spawn(f(ep.api.clone()));
     tokio::select! {
         biased;
         _ = ep.dead.wait() => None,
-        r = tokio::time::timeout(CLIENT_TIMEOUT, fut) => r.ok(),
+        r = tokio::time::timeout(CLIENT_TIMEOUT, handle) => match r {
+            Ok(Ok(v)) => Some(v),
+            _ => None,
+        },
     }
 }
 
@@ -364,7 +374,7 @@ async fn open_accounts(cluster: &tokio::sync::Mutex<SimCluster>, ids: &[u64]) ->
 /// Balances and versions of every account from one batch read, or why it failed.
 async fn read_accounts(ep: &Endpoint, consistency: ReadConsistency) -> Option<Vec<(i64, u64)>> {
     let ids = account_ids();
-    match call(ep, ep.api.batch_get("", BANK, &ids, &consistency)).await {
+    match call(ep, move |api| async move { api.batch_get("", BANK, &ids, &consistency).await }).await {
         Some(Ok((docs, _))) => docs
             .into_iter()
             .map(|(_, d)| {
@@ -419,7 +429,7 @@ async fn bank_op(ep: &Endpoint, process: i64, rng: &mut ChaCha8Rng, rec: &Shared
             },
         },
     ];
-    let outcome = call(ep, ep.api.write("", writes)).await;
+    let outcome = call(ep, move |api| async move { api.write("", writes).await }).await;
     let ok = matches!(outcome, Some(Ok(_)));
     trace.mark(&format!("client {process}"), &format!("transfer {amount} a{from}->a{to} ok={ok}"), None);
     if ok {
@@ -543,7 +553,7 @@ async fn do_write(
         action: DocAction::Put { json: json!({ "v": value }).to_string(), expected: None },
     };
     let mut acked = None;
-    let t = match call(ep, ep.api.write("", vec![w])).await {
+    let t = match call(ep, move |api| async move { api.write("", vec![w]).await }).await {
         Some(Ok((results, meta))) => {
             acked = results.first().map(|r| (r.version, meta.session_token.clone()));
             EventType::Ok
@@ -564,7 +574,12 @@ async fn do_read(
     trace: &Trace,
 ) -> Option<(Value, u64, String)> {
     record(rec, trace, event(process, EventType::Invoke, Function::Read, key, None));
-    let (t, seen) = match call(ep, ep.api.get("", COLLECTION, key, &ReadConsistency::Strong)).await {
+    let (t, seen) = match call(ep, {
+        let key = key.to_string();
+        move |api| async move { api.get("", COLLECTION, &key, &ReadConsistency::Strong).await }
+    })
+    .await
+    {
         Some(Ok((doc, meta))) => {
             let v =
                 serde_json::from_str::<Value>(&doc.json).ok().and_then(|d| d.get("v").cloned()).unwrap_or(Value::Null);
@@ -614,7 +629,8 @@ async fn do_session_read(
     trace: &Trace,
 ) {
     let consistency = ReadConsistency::Session { token: session.token.clone() };
-    let outcome = call(ep, ep.api.get("", COLLECTION, key, &consistency)).await;
+    let k = key.to_string();
+    let outcome = call(ep, move |api| async move { api.get("", COLLECTION, &k, &consistency).await }).await;
     let (version, token) = match outcome {
         Some(Ok((doc, meta))) => (doc.version, meta.session_token),
         Some(Err(ApiError::NotFound { code: "not_found", .. })) => (0, String::new()),
@@ -636,7 +652,9 @@ async fn do_session_read(
 /// An EVENTUAL read: any replica's local state. Not part of the linearizable history; checked
 /// to return only values some client wrote (or absence).
 async fn do_eventual_read(ep: &Endpoint, process: i64, key: &str, rec: &Shared<Recorder>, trace: &Trace) {
-    let outcome = call(ep, ep.api.get("", COLLECTION, key, &ReadConsistency::Eventual)).await;
+    let k = key.to_string();
+    let outcome =
+        call(ep, move |api| async move { api.get("", COLLECTION, &k, &ReadConsistency::Eventual).await }).await;
     let value = match outcome {
         Some(Ok((doc, _))) => serde_json::from_str::<Value>(&doc.json).ok().and_then(|d| d.get("v").cloned()),
         Some(Err(ApiError::NotFound { .. })) => Some(Value::Null),
@@ -735,7 +753,7 @@ async fn do_cas(
         if current.is_null() { DocAction::Create { json } } else { DocAction::Put { json, expected: Some(version) } };
     let w = WriteRequest { collection: COLLECTION.into(), id: key.into(), action };
     let mut acked = None;
-    let t = match call(ep, ep.api.write("", vec![w])).await {
+    let t = match call(ep, move |api| async move { api.write("", vec![w]).await }).await {
         Some(Ok((results, meta))) => {
             acked = results.first().map(|r| (r.version, meta.session_token.clone()));
             EventType::Ok
@@ -818,6 +836,13 @@ async fn fault_loop(
                 net.set_profile(profile);
                 tokio::time::sleep(length).await;
                 net.set_profile(NetProfile::calm());
+            }
+            FaultKind::Pause => {
+                trace.mark("faults", &format!("pause n{victim} for={}ms", length.as_millis()), None);
+                cluster.lock().await.set_paused(victim, true);
+                tokio::time::sleep(length).await;
+                cluster.lock().await.set_paused(victim, false);
+                trace.mark("faults", &format!("resume n{victim}"), None);
             }
             FaultKind::Disk if rng.gen_bool(0.5) => {
                 let us = rng.gen_range(1_000..50_000);

@@ -29,10 +29,38 @@ tokio::task_local! {
     static OWNER: TaskOwner;
 }
 
+/// Holds the tasks of a paused owner: while `paused`, none of them is polled.
+#[derive(Default, Debug)]
+struct PauseGate {
+    paused: std::sync::atomic::AtomicBool,
+    parked: std::sync::Mutex<Vec<std::task::Waker>>,
+}
+
+/// A task's future behind its owner's pause gate.
+struct Gated<F> {
+    inner: std::pin::Pin<Box<F>>,
+    gate: std::sync::Arc<PauseGate>,
+}
+
+impl<F: Future> Future for Gated<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<F::Output> {
+        if self.gate.paused.load(std::sync::atomic::Ordering::Acquire) {
+            if let Ok(mut parked) = self.gate.parked.lock() {
+                parked.push(cx.waker().clone());
+            }
+            return std::task::Poll::Pending;
+        }
+        self.inner.as_mut().poll(cx)
+    }
+}
+
 /// The tasks of one node incarnation. Cheap to clone.
 #[derive(Clone, Default, Debug)]
 pub struct TaskOwner {
     handles: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    gate: std::sync::Arc<PauseGate>,
 }
 
 impl TaskOwner {
@@ -51,7 +79,8 @@ impl TaskOwner {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        let handle = tokio::task::spawn(OWNER.scope(self.clone(), f));
+        let gated = Gated { inner: Box::pin(OWNER.scope(self.clone(), f)), gate: self.gate.clone() };
+        let handle = tokio::task::spawn(gated);
         if let Ok(mut handles) = self.handles.lock() {
             if handles.len() >= 1024 {
                 handles.retain(|h| !h.is_finished());
@@ -59,6 +88,21 @@ impl TaskOwner {
             handles.push(handle.abort_handle());
         }
         handle
+    }
+
+    /// Stops polling every task of this owner until `resume` (a paused process: timers run
+    /// on, nothing it owns makes progress).
+    pub fn pause(&self) {
+        self.gate.paused.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Lets the tasks of this owner run again, waking them in the order they parked.
+    pub fn resume(&self) {
+        self.gate.paused.store(false, std::sync::atomic::Ordering::Release);
+        let parked = self.gate.parked.lock().map(|mut p| std::mem::take(&mut *p)).unwrap_or_default();
+        for w in parked {
+            w.wake();
+        }
     }
 
     /// Aborts every task of this owner (a hard kill: no task runs another step).
