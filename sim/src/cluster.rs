@@ -156,10 +156,6 @@ impl SimCluster {
         }
     }
 
-    pub fn api(&self, id: u64) -> Option<Arc<NodeApi>> {
-        self.nodes.get(&id)?.running.as_ref().map(|i| i.api.clone())
-    }
-
     /// The current incarnation of node `id`, for a client call.
     pub fn endpoint(&self, id: u64) -> Option<Endpoint> {
         self.nodes.get(&id)?.running.as_ref().map(|i| Endpoint {

@@ -33,6 +33,8 @@ pub const BALANCE_START: i64 = 100;
 pub const CLIENT_TIMEOUT: Duration = Duration::from_secs(8);
 /// Bound on the heal phase (simulated).
 pub const HEAL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Bound on setting up the collection and the bank before the workload (simulated).
+pub const SETUP_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The fault classes a run may inject.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -319,8 +321,31 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
     })
 }
 
-async fn api_of(cluster: &tokio::sync::Mutex<SimCluster>, id: u64) -> Option<Arc<NodeApi>> {
-    cluster.lock().await.api(id)
+/// Tries `attempt` on each node in turn, 200 ms apart, until it returns `Some` or `within`
+/// has passed (a node that is down counts as a failed try). One loop for every "until the
+/// cluster answers" step of a run.
+async fn on_any_node<T, Fut>(
+    cluster: &tokio::sync::Mutex<SimCluster>,
+    ids: &[u64],
+    within: Duration,
+    mut attempt: impl FnMut(Endpoint) -> Fut,
+) -> Option<T>
+where
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    for node in ids.iter().cycle() {
+        if let Some(ep) = endpoint_of(cluster, *node).await {
+            if let Some(v) = attempt(ep).await {
+                return Some(v);
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    None
 }
 
 async fn endpoint_of(cluster: &tokio::sync::Mutex<SimCluster>, id: u64) -> Option<Endpoint> {
@@ -351,24 +376,19 @@ fn account_ids() -> Vec<String> {
 
 /// Opens the bank: every account at `BALANCE_START`, in one atomic batch.
 async fn open_accounts(cluster: &tokio::sync::Mutex<SimCluster>, ids: &[u64]) -> Result<(), String> {
-    for attempt in 0..100u64 {
-        let id = ids[(attempt as usize) % ids.len()];
-        if let Some(api) = api_of(cluster, id).await {
-            let writes = account_ids()
-                .into_iter()
-                .map(|a| WriteRequest {
-                    collection: BANK.into(),
-                    id: a,
-                    action: DocAction::Put { json: json!({ "b": BALANCE_START }).to_string(), expected: None },
-                })
-                .collect();
-            if api.write("", writes).await.is_ok() {
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Err("the cluster never accepted the bank accounts".into())
+    let opened = on_any_node(cluster, ids, SETUP_TIMEOUT, |ep| async move {
+        let writes = account_ids()
+            .into_iter()
+            .map(|a| WriteRequest {
+                collection: BANK.into(),
+                id: a,
+                action: DocAction::Put { json: json!({ "b": BALANCE_START }).to_string(), expected: None },
+            })
+            .collect();
+        ep.api.write("", writes).await.ok()
+    })
+    .await;
+    opened.map(|_| ()).ok_or_else(|| format!("the cluster never accepted the bank accounts within {SETUP_TIMEOUT:?}"))
 }
 
 /// Balances and versions of every account from one batch read, or why it failed.
@@ -447,42 +467,36 @@ async fn final_bank_read(
     trace: &Trace,
     violations: &mut Vec<String>,
 ) {
-    let deadline = tokio::time::Instant::now() + HEAL_TIMEOUT;
-    let mut attempt = 0usize;
-    while tokio::time::Instant::now() < deadline {
-        let node = ids[attempt % ids.len()];
-        attempt += 1;
-        if let Some(ep) = endpoint_of(cluster, node).await {
-            if let Some(accounts) = read_accounts(&ep, ReadConsistency::Strong).await {
-                let sum: i64 = accounts.iter().map(|a| a.0).sum();
-                let total = BALANCE_START * ACCOUNTS as i64;
-                trace.mark("faults", &format!("final bank read: {accounts:?}"), None);
-                if sum != total {
-                    violations.push(format!("bank: final balances {accounts:?} total {sum}, not {total}"));
-                }
-                if let Ok(mut r) = rec.lock() {
-                    r.bank_reads_ok += 1;
-                }
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+    let read =
+        on_any_node(cluster, ids, HEAL_TIMEOUT, |ep| async move { read_accounts(&ep, ReadConsistency::Strong).await })
+            .await;
+    let Some(accounts) = read else {
+        violations.push(format!(
+            "liveness: no strong read of the bank accounts succeeded within {HEAL_TIMEOUT:?} after heal"
+        ));
+        return;
+    };
+    let sum: i64 = accounts.iter().map(|a| a.0).sum();
+    let total = BALANCE_START * ACCOUNTS as i64;
+    trace.mark("faults", &format!("final bank read: {accounts:?}"), None);
+    if sum != total {
+        violations.push(format!("bank: final balances {accounts:?} total {sum}, not {total}"));
     }
-    violations
-        .push(format!("liveness: no strong read of the bank accounts succeeded within {HEAL_TIMEOUT:?} after heal"));
+    if let Ok(mut r) = rec.lock() {
+        r.bank_reads_ok += 1;
+    }
 }
 
 async fn create_collection(cluster: &tokio::sync::Mutex<SimCluster>, ids: &[u64]) -> Result<(), String> {
-    for attempt in 0..100u64 {
-        let id = ids[(attempt as usize) % ids.len()];
-        if let Some(api) = api_of(cluster, id).await {
-            if api.create_collection("", COLLECTION).await.is_ok() {
-                return Ok(());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Err("the cluster never accepted the collection (no leader after 20 s)".into())
+    let created =
+        on_any_node(
+            cluster,
+            ids,
+            SETUP_TIMEOUT,
+            |ep| async move { ep.api.create_collection("", COLLECTION).await.ok() },
+        )
+        .await;
+    created.map(|_| ()).ok_or_else(|| format!("the cluster never accepted the collection within {SETUP_TIMEOUT:?}"))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -896,21 +910,12 @@ async fn final_reads(
     let process = 1_000_000;
     for k in 0..config.keys {
         let key = format!("k{k}");
-        let deadline = tokio::time::Instant::now() + HEAL_TIMEOUT;
-        let mut attempt = 0usize;
-        loop {
-            let node = ids[attempt % ids.len()];
-            attempt += 1;
-            let Some(ep) = endpoint_of(cluster, node).await else { continue };
-            if do_read(&ep, process, &key, rec, trace).await.is_some() {
-                break;
-            }
-            if tokio::time::Instant::now() > deadline {
-                violations
-                    .push(format!("liveness: no strong read of {key} succeeded within {HEAL_TIMEOUT:?} after heal"));
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+        let key = key.as_str();
+        let read =
+            on_any_node(cluster, ids, HEAL_TIMEOUT, |ep| async move { do_read(&ep, process, key, rec, trace).await })
+                .await;
+        if read.is_none() {
+            violations.push(format!("liveness: no strong read of {key} succeeded within {HEAL_TIMEOUT:?} after heal"));
         }
     }
 }
