@@ -12,6 +12,8 @@ use crate::types::CollectionInfo;
 
 /// Cluster status as the answering node sees it (the proto message, re-exported).
 pub type ClusterStatus = pb::ClusterStatusResponse;
+/// One node's view of the group replicas it hosts (the proto message, re-exported).
+pub type ReplicaStatus = pb::ReplicaStatusResponse;
 
 impl Client {
     /// Creates a collection. Returns `true` when it was created, `false` when it existed.
@@ -55,6 +57,47 @@ impl Client {
         self.call(OperationKind::ReadAny, "cluster_status", |channel| {
             let request = self.request(pb::ClusterStatusRequest {});
             async move { Client::admin_client(channel).cluster_status(request).await }
+        })
+        .await
+    }
+
+    /// Adds node `node_id` (listening on `grpc_addr`) to every group of the cluster: as a
+    /// learner first, promoted to voter once caught up. Idempotent. Returns each group's
+    /// voters. Can take long when the node must receive a snapshot: give the client a long
+    /// request timeout.
+    /// `cluster_id` is the node's own `--cluster-id` (the cluster refuses a node of another
+    /// cluster; empty skips the check).
+    pub async fn add_node(&self, node_id: u64, grpc_addr: &str, cluster_id: &str) -> Result<Vec<(u64, Vec<u64>)>> {
+        let request =
+            pb::AddNodeRequest { node_id, grpc_addr: grpc_addr.to_owned(), cluster_id: cluster_id.to_owned() };
+        let response = self
+            .call(OperationKind::Write, "add_node", |channel| {
+                let request = self.request(request.clone());
+                async move { Client::admin_client(channel).add_node(request).await }
+            })
+            .await?;
+        Ok(response.groups.into_iter().map(|g| (g.group, g.voters)).collect())
+    }
+
+    /// Removes node `node_id` from every group (joint consensus) and from the cluster's
+    /// catalog; its id is never accepted again. Idempotent. Returns each group's voters.
+    pub async fn remove_node(&self, node_id: u64) -> Result<Vec<(u64, Vec<u64>)>> {
+        let request = pb::RemoveNodeRequest { node_id };
+        let response = self
+            .call(OperationKind::Write, "remove_node", |channel| {
+                let request = self.request(request);
+                async move { Client::admin_client(channel).remove_node(request).await }
+            })
+            .await?;
+        Ok(response.groups.into_iter().map(|g| (g.group, g.voters)).collect())
+    }
+
+    /// The group replicas of whichever endpoint answers (build a client with one endpoint to
+    /// ask a given node).
+    pub async fn replica_status(&self) -> Result<ReplicaStatus> {
+        self.call(OperationKind::ReadAny, "replica_status", |channel| {
+            let request = self.request(pb::ReplicaStatusRequest {});
+            async move { Client::admin_client(channel).replica_status(request).await }
         })
         .await
     }

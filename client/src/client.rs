@@ -26,6 +26,7 @@ use crate::config::{ClientBuilder, ClientConfig, RESPONSE_BYTES_MAX};
 use crate::error::{Error, Result};
 use crate::retry::{should_retry, OperationKind};
 use crate::routing::{Router, Target};
+use crate::session::SessionTokens;
 use crate::types::ReadConsistency;
 
 /// A Floe client. Cheap to clone; clones share channels and the leader cache.
@@ -37,6 +38,8 @@ pub struct Client {
 struct Inner {
     config: ClientConfig,
     router: Mutex<Router>,
+    /// The newest position of every response, for `ReadYourWrites` reads.
+    session: Mutex<SessionTokens>,
     /// Keyed by normalized address; grows by at most one entry per distinct node address.
     channels: Mutex<HashMap<String, Channel>>,
 }
@@ -53,7 +56,7 @@ impl std::fmt::Debug for Client {
 }
 
 impl Client {
-    /// A builder with defaults (tenant `default`, strong reads, 5 attempts).
+    /// A builder with defaults (tenant `default`, read-your-writes reads, 5 attempts).
     pub fn builder() -> ClientBuilder {
         ClientBuilder::default()
     }
@@ -70,7 +73,14 @@ impl Client {
 
     pub(crate) fn from_config(config: ClientConfig) -> Client {
         let router = Router::new(config.endpoints.clone());
-        Client { inner: Arc::new(Inner { config, router: Mutex::new(router), channels: Mutex::new(HashMap::new()) }) }
+        Client {
+            inner: Arc::new(Inner {
+                config,
+                router: Mutex::new(router),
+                session: Mutex::new(SessionTokens::default()),
+                channels: Mutex::new(HashMap::new()),
+            }),
+        }
     }
 
     /// The validated configuration.
@@ -119,6 +129,23 @@ impl Client {
             }
         }
         Err(error_last)
+    }
+
+    /// This client's session token: the newest position it saw in every shard group
+    /// (what `ReadYourWrites` reads send). Hand it to another client for `Session` reads
+    /// that must see this client's writes.
+    pub fn session_token(&self) -> String {
+        self.session_lock().token()
+    }
+
+    /// Merges a token obtained elsewhere (e.g. from another client) into this client's session.
+    pub fn observe_session_token(&self, token: &str) {
+        self.session_lock().observe(token);
+    }
+
+    fn session_lock(&self) -> MutexGuard<'_, SessionTokens> {
+        // Merging is a map update that cannot be left half done.
+        self.inner.session.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub(crate) fn read_consistency_default(&self) -> &ReadConsistency {
@@ -182,6 +209,9 @@ impl Client {
                     if let Some(leader) = response.leader_grpc_addr() {
                         self.router().observe_leader(leader);
                     }
+                    if let Some(token) = response.session_token() {
+                        self.session_lock().observe(token);
+                    }
                     return Ok(response);
                 }
                 Err(error) => {
@@ -236,9 +266,12 @@ impl Client {
     }
 }
 
-/// Responses that may name the current leader.
+/// Responses that may name the current leader and carry a session token.
 pub(crate) trait LeaderHint {
     fn leader_grpc_addr(&self) -> Option<&str> {
+        None
+    }
+    fn session_token(&self) -> Option<&str> {
         None
     }
 }
@@ -247,30 +280,49 @@ fn meta_leader(meta: &Option<pb::ResponseMeta>) -> Option<&str> {
     meta.as_ref().map(|meta| meta.leader_grpc_addr.as_str()).filter(|address| !address.is_empty())
 }
 
+fn meta_session(meta: &Option<pb::ResponseMeta>) -> Option<&str> {
+    meta.as_ref().map(|meta| meta.session_token.as_str()).filter(|token| !token.is_empty())
+}
+
 impl LeaderHint for pb::GetResponse {
     fn leader_grpc_addr(&self) -> Option<&str> {
         meta_leader(&self.meta)
+    }
+    fn session_token(&self) -> Option<&str> {
+        meta_session(&self.meta)
     }
 }
 impl LeaderHint for pb::WriteResponse {
     fn leader_grpc_addr(&self) -> Option<&str> {
         meta_leader(&self.meta)
     }
+    fn session_token(&self) -> Option<&str> {
+        meta_session(&self.meta)
+    }
 }
 impl LeaderHint for pb::BatchGetResponse {
     fn leader_grpc_addr(&self) -> Option<&str> {
         meta_leader(&self.meta)
+    }
+    fn session_token(&self) -> Option<&str> {
+        meta_session(&self.meta)
     }
 }
 impl LeaderHint for pb::BatchResponse {
     fn leader_grpc_addr(&self) -> Option<&str> {
         meta_leader(&self.meta)
     }
+    fn session_token(&self) -> Option<&str> {
+        meta_session(&self.meta)
+    }
 }
 impl LeaderHint for pb::CreateCollectionResponse {}
 impl LeaderHint for pb::ListCollectionsResponse {}
 impl LeaderHint for pb::DropCollectionResponse {}
 impl LeaderHint for pb::ClusterStatusResponse {}
+impl LeaderHint for pb::AddNodeResponse {}
+impl LeaderHint for pb::RemoveNodeResponse {}
+impl LeaderHint for pb::ReplicaStatusResponse {}
 
 impl ClientBuilder {
     /// Builds the client and checks that at least one endpoint accepts a connection.

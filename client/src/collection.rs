@@ -48,7 +48,7 @@ impl Collection {
             tenant: self.client.tenant().to_owned(),
             collection: self.name.clone(),
             id: id.to_owned(),
-            read: Some(consistency.to_proto()),
+            read: Some(consistency.to_proto(&self.client.session_token())),
         };
         let response = self
             .client
@@ -79,7 +79,7 @@ impl Collection {
             tenant: self.client.tenant().to_owned(),
             collection: self.name.clone(),
             ids: ids.clone(),
-            read: Some(consistency.to_proto()),
+            read: Some(consistency.to_proto(&self.client.session_token())),
         };
         let response = self
             .client

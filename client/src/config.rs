@@ -1,7 +1,7 @@
 //! Client configuration and its builder.
 //!
 //! Owns: [`ClientBuilder`] and the defaults (tenant `default`, connect timeout, per-attempt
-//! request timeout, retry policy, default read consistency `Strong`). Validation happens in
+//! request timeout, retry policy, default read consistency `ReadYourWrites`). Validation happens in
 //! [`ClientBuilder::build`], before any connection is made.
 //!
 //! No I/O: channels are created lazily by the client on first use.
@@ -55,7 +55,7 @@ impl Default for ClientBuilder {
             connect_timeout: CONNECT_TIMEOUT_DEFAULT,
             request_timeout: REQUEST_TIMEOUT_DEFAULT,
             retry: RetryPolicy::default(),
-            read_consistency_default: ReadConsistency::Strong,
+            read_consistency_default: ReadConsistency::ReadYourWrites,
         }
     }
 }
@@ -107,7 +107,8 @@ impl ClientBuilder {
         self
     }
 
-    /// Consistency of reads that do not name one (default `Strong`).
+    /// Consistency of reads that do not name one (default `ReadYourWrites`: session
+    /// consistency with this client's own tokens).
     pub fn read_consistency(mut self, consistency: ReadConsistency) -> Self {
         self.read_consistency_default = consistency;
         self
@@ -153,7 +154,7 @@ mod tests {
         let config = ClientBuilder::default().endpoint("127.0.0.1:7700").config().unwrap();
         assert_eq!(config.endpoints, vec!["http://127.0.0.1:7700"]);
         assert_eq!(config.tenant, "default");
-        assert_eq!(config.read_consistency_default, ReadConsistency::Strong);
+        assert_eq!(config.read_consistency_default, ReadConsistency::ReadYourWrites);
         assert_eq!(config.retry, RetryPolicy::default());
     }
 

@@ -6,6 +6,7 @@
 //! let client = Client::connect(["127.0.0.1:7700"]).await?;
 //! let users = client.collection("users");
 //! let outcome = users.put("alice", &serde_json::json!({"name": "Alice"})).await?;
+//! // Reads default to read-your-writes: this client sees its own write from any node.
 //! let doc = users.get::<serde_json::Value>("alice").await?;
 //! assert_eq!(doc.map(|d| d.version), Some(outcome.version));
 //! let _ = users.get_with::<serde_json::Value>("alice", ReadConsistency::Eventual).await?;
@@ -22,6 +23,7 @@
 //! - `error`: [`Error`] and the mapping from gRPC statuses (the server's error contract).
 //! - `retry`: [`RetryPolicy`], full-jitter backoff, which errors allow which retries.
 //! - `routing`: leader cache and endpoint rotation (pure).
+//! - `session`: [`SessionTokens`], the newest position per shard group (read-your-writes).
 //! - `endpoint`: address normalization (pure).
 //! - `types`: [`Document`], [`WriteOutcome`], [`ReadConsistency`], [`CollectionInfo`].
 //!
@@ -39,9 +41,10 @@ mod endpoint;
 mod error;
 mod retry;
 mod routing;
+mod session;
 mod types;
 
-pub use admin::ClusterStatus;
+pub use admin::{ClusterStatus, ReplicaStatus};
 pub use batch::Batch;
 pub use client::Client;
 pub use collection::Collection;
@@ -49,6 +52,7 @@ pub use config::{ClientBuilder, ClientConfig, CONNECT_TIMEOUT_DEFAULT, REQUEST_T
 pub use endpoint::normalize_endpoint;
 pub use error::{Error, Result, CURRENT_VERSION_KEY, ERROR_CODE_KEY, RETRY_SAFE_KEY};
 pub use retry::RetryPolicy;
+pub use session::SessionTokens;
 pub use types::{CollectionInfo, Document, ReadConsistency, WriteOutcome};
 
 /// The generated `floe.v1` messages, for callers that need the raw types.

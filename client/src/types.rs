@@ -19,14 +19,19 @@ use crate::error::{Error, Result};
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum ReadConsistency {
     /// Linearizable: served by the shard leader after confirming leadership.
-    #[default]
     Strong,
     /// Any replica's local state.
     Eventual,
     /// Any replica whose state is provably no older than the bound.
     BoundedStaleness(Duration),
-    /// Any replica that has applied at least the state named by this session token.
+    /// Any replica that has applied at least the state named by this session token (a token
+    /// from a response, possibly handed over from another client).
     Session(String),
+    /// Read-your-writes with this client's own session: `Session` with the newest token of
+    /// every response this client received (writes and reads). The client's default, like
+    /// Cosmos DB's session consistency.
+    #[default]
+    ReadYourWrites,
 }
 
 impl ReadConsistency {
@@ -35,8 +40,14 @@ impl ReadConsistency {
         matches!(self, ReadConsistency::Strong)
     }
 
-    pub(crate) fn to_proto(&self) -> pb::ReadOptions {
+    /// The wire form; `session` is the client's own token, sent for `ReadYourWrites`.
+    pub(crate) fn to_proto(&self, session: &str) -> pb::ReadOptions {
         match self {
+            ReadConsistency::ReadYourWrites => pb::ReadOptions {
+                consistency: pb::Consistency::Session as i32,
+                session_token: session.to_owned(),
+                ..Default::default()
+            },
             ReadConsistency::Strong => {
                 pb::ReadOptions { consistency: pb::Consistency::Strong as i32, ..Default::default() }
             }
@@ -158,15 +169,19 @@ mod tests {
 
     #[test]
     fn consistency_to_proto() {
-        let read = ReadConsistency::BoundedStaleness(Duration::from_millis(1500)).to_proto();
+        let read = ReadConsistency::BoundedStaleness(Duration::from_millis(1500)).to_proto("");
         assert_eq!(read.consistency, pb::Consistency::BoundedStaleness as i32);
         assert_eq!(read.max_staleness_ms, 1500);
-        let read = ReadConsistency::Session("tok".into()).to_proto();
+        let read = ReadConsistency::Session("tok".into()).to_proto("mine");
         assert_eq!(read.consistency, pb::Consistency::Session as i32);
         assert_eq!(read.session_token, "tok");
-        assert_eq!(ReadConsistency::default().to_proto().consistency, pb::Consistency::Strong as i32);
+        let read = ReadConsistency::default().to_proto("1:5");
+        assert_eq!(read.consistency, pb::Consistency::Session as i32);
+        assert_eq!(read.session_token, "1:5");
+        assert_eq!(ReadConsistency::Strong.to_proto("1:5").session_token, "");
         assert!(ReadConsistency::Strong.needs_leader());
         assert!(!ReadConsistency::Eventual.needs_leader());
+        assert!(!ReadConsistency::ReadYourWrites.needs_leader());
     }
 
     #[test]

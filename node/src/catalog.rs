@@ -68,6 +68,16 @@ pub enum CatalogCommand {
         tenant: String,
         name: String,
     },
+    /// The replica set of a shard changed (membership change done in the shard's group).
+    SetReplicas {
+        shard: u64,
+        replicas: Vec<u64>,
+    },
+    /// A node left the cluster: forgotten, and its id tombstoned so a stale process of it
+    /// cannot register again.
+    RemoveNode {
+        id: u64,
+    },
 }
 
 /// Result of a catalog command.
@@ -77,6 +87,8 @@ pub enum CatalogResponse {
     NodeRegistered,
     Collection { info: CollectionInfo, created: bool },
     CollectionDropped { existed: bool },
+    ReplicasSet { found: bool },
+    NodeRemoved,
 }
 
 /// One catalog key's change: `Some(value)` to store, `None` to delete.
@@ -116,8 +128,28 @@ pub fn apply<E>(
             }
         }
         CatalogCommand::RegisterNode(n) => {
-            changes.push((keys::catalog_node_key(n.id), Some(encode(n))));
-            CatalogResponse::NodeRegistered
+            if read(&keys::catalog_removed_node_key(n.id))?.is_some() {
+                CatalogResponse::NodeRemoved
+            } else {
+                changes.push((keys::catalog_node_key(n.id), Some(encode(n))));
+                CatalogResponse::NodeRegistered
+            }
+        }
+        CatalogCommand::SetReplicas { shard, replicas } => {
+            let key = keys::catalog_shard_key(*shard);
+            match read(&key)?.and_then(|v| serde_json::from_slice::<ShardDesc>(&v).ok()) {
+                Some(mut desc) => {
+                    desc.replicas = replicas.clone();
+                    changes.push((key, Some(encode(&desc))));
+                    CatalogResponse::ReplicasSet { found: true }
+                }
+                None => CatalogResponse::ReplicasSet { found: false },
+            }
+        }
+        CatalogCommand::RemoveNode { id } => {
+            changes.push((keys::catalog_node_key(*id), None));
+            changes.push((keys::catalog_removed_node_key(*id), Some(encode(id))));
+            CatalogResponse::NodeRemoved
         }
         CatalogCommand::CreateCollection { tenant, name } => {
             let key = keys::catalog_collection_key(tenant, name);
@@ -182,6 +214,11 @@ impl CatalogReader {
         self.list(&keys::catalog_shards_prefix())
     }
 
+    /// True when `node_id` was removed from the cluster (its id is never reused).
+    pub fn is_removed(&self, node_id: u64) -> Result<bool, EngineError> {
+        Ok(self.engine.get(Cf::Data, &keys::catalog_removed_node_key(node_id))?.is_some())
+    }
+
     pub fn collections(&self, tenant: Option<&str>) -> Result<Vec<CollectionInfo>, EngineError> {
         self.list(&keys::catalog_collections_prefix(tenant))
     }
@@ -237,5 +274,28 @@ mod tests {
         let drop = CatalogCommand::DropCollection { tenant: "t".into(), name: "c".into() };
         assert_eq!(run(&mut m, 5, drop.clone()), CatalogResponse::CollectionDropped { existed: true });
         assert_eq!(run(&mut m, 6, drop), CatalogResponse::CollectionDropped { existed: false });
+    }
+
+    #[test]
+    fn replicas_change_and_removed_nodes_stay_removed() {
+        let mut m = BTreeMap::new();
+        let node = |id| NodeInfo { id, grpc_addr: format!("n{id}"), http_addr: String::new() };
+        let boot = CatalogCommand::Bootstrap {
+            cluster_id: "c1".into(),
+            nodes: vec![node(1), node(2)],
+            shards: vec![ShardDesc { id: 1, start: vec![1], end: vec![], epoch: 1, replicas: vec![1, 2] }],
+        };
+        run(&mut m, 1, boot);
+        let set = CatalogCommand::SetReplicas { shard: 1, replicas: vec![1, 2, 3] };
+        assert_eq!(run(&mut m, 2, set), CatalogResponse::ReplicasSet { found: true });
+        let shard: ShardDesc = serde_json::from_slice(&m[&keys::catalog_shard_key(1)]).unwrap();
+        assert_eq!((shard.replicas, shard.epoch), (vec![1, 2, 3], 1));
+        let missing = CatalogCommand::SetReplicas { shard: 9, replicas: vec![1] };
+        assert_eq!(run(&mut m, 3, missing), CatalogResponse::ReplicasSet { found: false });
+        assert_eq!(run(&mut m, 4, CatalogCommand::RemoveNode { id: 2 }), CatalogResponse::NodeRemoved);
+        assert!(!m.contains_key(&keys::catalog_node_key(2)));
+        // A stale process of node 2 re-registering changes nothing.
+        assert_eq!(run(&mut m, 5, CatalogCommand::RegisterNode(node(2))), CatalogResponse::NodeRemoved);
+        assert!(!m.contains_key(&keys::catalog_node_key(2)));
     }
 }

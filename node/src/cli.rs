@@ -1,4 +1,4 @@
-//! The `floe` command line: `dev`, `start` and `doc`. Every flag is also an `FLOE_*`
+//! The `floe` command line: `dev`, `start`, `doc`, `bench` and `ctl` (in `ctl.rs`). Every flag is also an `FLOE_*`
 //! environment variable. Binary-only code: errors are `anyhow`.
 
 use crate::docs::Limits;
@@ -38,6 +38,10 @@ pub enum Commands {
     /// Read and write documents from the shell.
     #[command(subcommand)]
     Doc(DocCommand),
+    /// Measure a running cluster with YCSB-style workloads (see shared/BENCH.md).
+    Bench(crate::bench::BenchArgs),
+    /// Operate a running cluster: status, add and remove nodes.
+    Ctl(crate::ctl::CtlArgs),
 }
 
 #[derive(Args, Debug)]
@@ -71,8 +75,12 @@ pub struct StartArgs {
     #[arg(long, env = "FLOE_DATA_DIR")]
     pub data_dir: PathBuf,
     /// All initial members as `id=host:port,...` (gRPC addresses), the same on every node.
-    #[arg(long, env = "FLOE_INITIAL_CLUSTER")]
-    pub initial_cluster: String,
+    #[arg(long, env = "FLOE_INITIAL_CLUSTER", required_unless_present = "join", conflicts_with = "join")]
+    pub initial_cluster: Option<String>,
+    /// Join a running cluster through this member's gRPC address instead (host:port): the
+    /// node is added as a learner, catches up, and becomes a voter. Keep the flag on restarts.
+    #[arg(long, env = "FLOE_JOIN")]
+    pub join: Option<String>,
     /// Cluster name; nodes refuse raft messages from another cluster.
     #[arg(long, env = "FLOE_CLUSTER_ID", default_value = "floe")]
     pub cluster_id: String,
@@ -160,6 +168,7 @@ pub fn dev_node_config(args: &DevArgs, k: u64) -> NodeConfig {
         http_addr: format!("127.0.0.1:{}", http_base + offset),
         data_dir: args.data.join(format!("node-{k}")),
         initial_cluster: (1..=args.nodes).map(|i| (i, grpc(i))).collect(),
+        join: None,
         cluster_id: "floe-dev".into(),
         limits: Limits::default(),
         tuning: RaftTuning::default(),
@@ -195,7 +204,11 @@ pub async fn run_start(args: StartArgs) -> Result<()> {
         grpc_addr: args.grpc_addr,
         http_addr: args.http_addr,
         data_dir: args.data_dir,
-        initial_cluster: parse_initial_cluster(&args.initial_cluster)?,
+        initial_cluster: match &args.initial_cluster {
+            Some(list) => parse_initial_cluster(list)?,
+            None => BTreeMap::new(),
+        },
+        join: args.join.clone(),
         cluster_id: args.cluster_id,
         limits: Limits::default(),
         tuning: RaftTuning {
@@ -234,6 +247,10 @@ async fn wait_for_signal() {
 fn status_error(s: tonic::Status) -> anyhow::Error {
     let code = s.metadata().get("floe-error-code").and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
     anyhow!("{} ({}): {}", code, s.code(), s.message())
+}
+
+pub async fn run_bench(args: crate::bench::BenchArgs) -> Result<()> {
+    crate::bench::run(args).await
 }
 
 pub async fn run_doc(cmd: DocCommand) -> Result<()> {

@@ -23,6 +23,7 @@ const CATALOG_NODE: u8 = b'n';
 const CATALOG_COLLECTION: u8 = b'c';
 const CATALOG_SHARD: u8 = b's';
 const CATALOG_CLUSTER: u8 = b'k';
+const CATALOG_REMOVED_NODE: u8 = b'r';
 
 /// Tenant reserved for Floe's own per-shard records; user tenant names cannot start with `.`.
 pub const SYSTEM_TENANT: &str = ".floe";
@@ -68,6 +69,12 @@ pub fn parse_doc_key(key: &[u8]) -> Option<(String, String, String)> {
 
 pub fn catalog_node_key(node_id: u64) -> Vec<u8> {
     let mut k = vec![CATALOG_PREFIX, CATALOG_NODE];
+    k.extend_from_slice(&node_id.to_be_bytes());
+    k
+}
+/// Tombstone of a node removed from the cluster (its id is never reused).
+pub fn catalog_removed_node_key(node_id: u64) -> Vec<u8> {
+    let mut k = vec![CATALOG_PREFIX, CATALOG_REMOVED_NODE];
     k.extend_from_slice(&node_id.to_be_bytes());
     k
 }

@@ -5,8 +5,10 @@
 //! gRPC and HTTP wrappers) → `server` (wiring) and the `floe` binary (CLI).
 
 pub mod api;
+pub mod bench;
 pub mod catalog;
 pub mod cli;
+pub mod ctl;
 pub mod docs;
 pub mod keys;
 pub mod load;

@@ -12,7 +12,19 @@ fn init_logging(format: LogFormat, filter: &str) {
     }
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors end the process with status 1 and the message chain on stderr (no backtrace: these
+/// are operator-facing messages, not crashes).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("Error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     init_logging(cli.log_format, &cli.log);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -21,6 +33,8 @@ fn main() -> anyhow::Result<()> {
             Commands::Dev(args) => cli::run_dev(args).await,
             Commands::Start(args) => cli::run_start(args).await,
             Commands::Doc(cmd) => cli::run_doc(cmd).await,
+            Commands::Bench(args) => cli::run_bench(args).await,
+            Commands::Ctl(args) => floe_node::ctl::run(args).await,
         }
     })
 }

@@ -21,10 +21,37 @@ struct Histogram {
     sum_s: f64,
 }
 
+impl Histogram {
+    fn observe(&mut self, latency: Duration) {
+        let s = latency.as_secs_f64();
+        for (i, le) in LATENCY_BUCKETS_S.iter().enumerate() {
+            if s <= *le {
+                self.counts[i] += 1;
+            }
+        }
+        self.count += 1;
+        self.sum_s += s;
+    }
+
+    /// Writes the `_bucket`, `_sum` and `_count` lines of `name` with label `label="value"`.
+    fn render(&self, out: &mut String, name: &str, label: &str, value: &str) {
+        for (i, le) in LATENCY_BUCKETS_S.iter().enumerate() {
+            let _ = writeln!(out, "{name}_bucket{{{label}=\"{value}\",le=\"{le}\"}} {}", self.counts[i]);
+        }
+        let _ = writeln!(out, "{name}_bucket{{{label}=\"{value}\",le=\"+Inf\"}} {}", self.count);
+        let _ = writeln!(out, "{name}_sum{{{label}=\"{value}\"}} {}", self.sum_s);
+        let _ = writeln!(out, "{name}_count{{{label}=\"{value}\"}} {}", self.count);
+    }
+}
+
 #[derive(Default)]
 struct Inner {
     requests: BTreeMap<(&'static str, &'static str), u64>,
     latency: BTreeMap<&'static str, Histogram>,
+    /// Reads by (consistency, path): local, waited, read_index, forwarded, refused.
+    read_paths: BTreeMap<(&'static str, &'static str), u64>,
+    /// Read latency by consistency level.
+    read_latency: BTreeMap<&'static str, Histogram>,
 }
 
 /// A node's request metrics.
@@ -42,23 +69,27 @@ impl Metrics {
     pub fn observe(&self, op: &'static str, code: &'static str, latency: Duration) {
         let Ok(mut inner) = self.inner.lock() else { return };
         *inner.requests.entry((op, code)).or_default() += 1;
-        let h = inner.latency.entry(op).or_default();
-        let s = latency.as_secs_f64();
-        for (i, le) in LATENCY_BUCKETS_S.iter().enumerate() {
-            if s <= *le {
-                h.counts[i] += 1;
-            }
-        }
-        h.count += 1;
-        h.sum_s += s;
+        inner.latency.entry(op).or_default().observe(latency);
+    }
+
+    /// Counts one read of `consistency` that found its position by `path`.
+    pub fn observe_read_path(&self, consistency: &'static str, path: &'static str) {
+        let Ok(mut inner) = self.inner.lock() else { return };
+        *inner.read_paths.entry((consistency, path)).or_default() += 1;
+    }
+
+    /// Records one read's latency (handler time, errors included) by consistency level.
+    pub fn observe_read_latency(&self, consistency: &'static str, latency: Duration) {
+        let Ok(mut inner) = self.inner.lock() else { return };
+        inner.read_latency.entry(consistency).or_default().observe(latency);
     }
 
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self, api: &NodeApi) -> String {
         let mut out = String::new();
-        let (requests, latency) = match self.inner.lock() {
-            Ok(i) => (i.requests.clone(), i.latency.clone()),
-            Err(_) => (BTreeMap::new(), BTreeMap::new()),
+        let (requests, latency, read_paths, read_latency) = match self.inner.lock() {
+            Ok(i) => (i.requests.clone(), i.latency.clone(), i.read_paths.clone(), i.read_latency.clone()),
+            Err(_) => Default::default(),
         };
         let _ = writeln!(out, "# HELP floe_requests_total Requests handled, by operation and outcome code.");
         let _ = writeln!(out, "# TYPE floe_requests_total counter");
@@ -68,13 +99,22 @@ impl Metrics {
         let _ = writeln!(out, "# HELP floe_request_duration_seconds Request latency, by operation.");
         let _ = writeln!(out, "# TYPE floe_request_duration_seconds histogram");
         for (op, h) in &latency {
-            for (i, le) in LATENCY_BUCKETS_S.iter().enumerate() {
-                let _ =
-                    writeln!(out, "floe_request_duration_seconds_bucket{{op=\"{op}\",le=\"{le}\"}} {}", h.counts[i]);
-            }
-            let _ = writeln!(out, "floe_request_duration_seconds_bucket{{op=\"{op}\",le=\"+Inf\"}} {}", h.count);
-            let _ = writeln!(out, "floe_request_duration_seconds_sum{{op=\"{op}\"}} {}", h.sum_s);
-            let _ = writeln!(out, "floe_request_duration_seconds_count{{op=\"{op}\"}} {}", h.count);
+            h.render(&mut out, "floe_request_duration_seconds", "op", op);
+        }
+        let _ = writeln!(
+            out,
+            "# HELP floe_read_paths_total Reads by consistency level and how their position was found \
+             (local: this replica's state; waited: waited for this replica to apply; read_index: this \
+             node leads and confirmed it; forwarded: asked the leader on another node; refused)."
+        );
+        let _ = writeln!(out, "# TYPE floe_read_paths_total counter");
+        for ((consistency, path), n) in &read_paths {
+            let _ = writeln!(out, "floe_read_paths_total{{consistency=\"{consistency}\",path=\"{path}\"}} {n}");
+        }
+        let _ = writeln!(out, "# HELP floe_read_duration_seconds Read latency in the node, by consistency level.");
+        let _ = writeln!(out, "# TYPE floe_read_duration_seconds histogram");
+        for (consistency, h) in &read_latency {
+            h.render(&mut out, "floe_read_duration_seconds", "consistency", consistency);
         }
         let host = api.host();
         let _ = writeln!(

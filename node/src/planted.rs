@@ -6,10 +6,12 @@
 //!   leadership or waiting for the read index;
 //! - `ack-before-commit`: a write is acknowledged as soon as it is handed to raft, before it
 //!   is committed;
-//! - `lost-session`: a SESSION read ignores its token and serves local state.
+//! - `lost-session`: a SESSION read ignores its token and serves local state;
+//! - `stale-bounded-read`: a BOUNDED_STALENESS read serves local state without a freshness
+//!   proof (an isolated follower answers from arbitrarily old state).
 
 /// Names of the bugs that can be planted.
-pub const PLANTED_BUGS: &[&str] = &["stale-strong-read", "ack-before-commit", "lost-session"];
+pub const PLANTED_BUGS: &[&str] = &["stale-strong-read", "ack-before-commit", "lost-session", "stale-bounded-read"];
 
 #[cfg(feature = "planted-bugs")]
 static PLANTED: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);

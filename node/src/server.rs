@@ -39,8 +39,10 @@ pub struct NodeConfig {
     pub grpc_addr: String,
     pub http_addr: String,
     pub data_dir: PathBuf,
-    /// Every initial member: node id → gRPC address.
+    /// Every initial member: node id → gRPC address (empty when joining).
     pub initial_cluster: BTreeMap<NodeId, String>,
+    /// Join a running cluster through this member (gRPC host:port) instead of bootstrapping.
+    pub join: Option<String>,
     pub cluster_id: String,
     pub limits: Limits,
     pub tuning: RaftTuning,
@@ -84,6 +86,12 @@ fn check(config: &NodeConfig) -> Result<(), StartError> {
     if config.node_id == 0 {
         return Err(StartError::Config("node ids start at 1".into()));
     }
+    if config.join.is_some() {
+        return match config.initial_cluster.is_empty() {
+            true => Ok(()),
+            false => Err(StartError::Config("give either --initial-cluster or --join, not both".into())),
+        };
+    }
     match config.initial_cluster.get(&config.node_id) {
         None => Err(StartError::Config(format!("--initial-cluster does not list this node's id {}", config.node_id))),
         Some(addr) if addr != &config.grpc_addr => Err(StartError::Config(format!(
@@ -116,6 +124,9 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     tasks.push(tokio::spawn(serve_grpc(grpc_listener, api.clone(), host.clone(), stop_rx.clone())));
     tasks.push(tokio::spawn(serve_http(http_listener, api.clone(), stop_rx.clone())));
     bootstrap(&config, &host).await?;
+    if let Some(member) = &config.join {
+        join(&config, member, &host).await?;
+    }
     let http = if config.http_addr.ends_with(":0") { http_addr.to_string() } else { config.http_addr.clone() };
     tasks.push(tokio::spawn(register(config.clone(), http, host.clone(), stop_rx)));
     Ok(RunningNode { api, host, grpc_addr, http_addr, stop, tasks })
@@ -216,6 +227,39 @@ async fn serve_http(listener: tokio::net::TcpListener, api: Arc<NodeApi>, stop: 
         tracing::error!(error = %e, "HTTP server failed");
     }
 }
+
+/// Joins a running cluster through `member` unless this node already belongs to it (its
+/// meta replica is initialized: a restart). Retries while the cluster is unavailable; a
+/// refusal (id taken or removed, bad address) fails the start.
+pub async fn join(config: &NodeConfig, member: &str, host: &Arc<RaftHost>) -> Result<(), StartError> {
+    let meta = host.group(keys::META_GROUP).ok_or_else(|| StartError::Raft("meta group not started".into()))?;
+    if meta.raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))? {
+        tracing::info!(node = config.node_id, "already a member; not joining again");
+        return Ok(());
+    }
+    let client = floe_client::Client::builder()
+        .endpoint(member.to_string())
+        .request_timeout(crate::raft::host::MEMBERSHIP_TIMEOUT + Duration::from_secs(10))
+        .build()
+        .map_err(|e| StartError::Config(format!("--join {member}: {e}")))?;
+    let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
+    loop {
+        match client.add_node(config.node_id, &config.grpc_addr, &config.cluster_id).await {
+            Ok(groups) => {
+                tracing::info!(node = config.node_id, ?groups, "joined the cluster");
+                return Ok(());
+            }
+            Err(e) if e.is_retryable() && tokio::time::Instant::now() < deadline => {
+                tracing::warn!(error = %e, "joining through {member}: not yet, retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+            Err(e) => return Err(StartError::Raft(format!("joining through {member}: {e}"))),
+        }
+    }
+}
+
+/// Bound on joining a cluster (retries while it is unavailable included).
+pub const JOIN_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Writes the bootstrap catalog (first node only) and this node's addresses, retrying until
 /// the meta group accepts them or the node stops.

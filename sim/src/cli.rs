@@ -169,12 +169,14 @@ pub fn run_seeds(args: &RunArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
         fault_total += report.faults;
         writeln!(
             out,
-            "seed {seed}: trace-hash: {:016x} events {} ops ok/fail/unknown {}/{}/{} bank transfers/reads {}/{} faults {} sim {:.1}s wall {:.2}s verdict {:?}",
+            "seed {seed}: trace-hash: {:016x} events {} ops ok/fail/unknown {}/{}/{} eventual/bounded reads {}/{} bank transfers/reads {}/{} faults {} sim {:.1}s wall {:.2}s verdict {:?}",
             report.trace_hash,
             report.trace_events,
             report.ops_ok,
             report.ops_failed,
             report.ops_unknown,
+            report.eventual_reads,
+            report.bounded_reads,
             report.bank_transfers_ok,
             report.bank_reads_ok,
             report.faults,

@@ -67,6 +67,7 @@ fn node_config(id: u64, count: u64) -> NodeConfig {
         http_addr: format!("{}-http", addr_of(id)),
         data_dir: std::path::PathBuf::new(),
         initial_cluster: (1..=count).map(|i| (i, addr_of(i))).collect(),
+        join: None,
         cluster_id: "sim".into(),
         limits: Limits::default(),
         tuning: RaftTuning { snapshot_logs_since_last: 200, logs_kept_after_snapshot: 50, ..RaftTuning::default() },

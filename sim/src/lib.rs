@@ -3,9 +3,10 @@
 //! Codemap:
 //! - [`history`]: the Jepsen-style JSONL event format and its parse into paired operations.
 //! - [`linearizability`]: the per-key Wing & Gong / Lowe / Porcupine linearizability checker.
+//! - [`staleness`]: the bounded-staleness checker (reads never older than their bound).
 //! - [`cli`]: the `floe-sim` command line (argument definitions, rendering, exit codes).
 //!
-//! Invariants: `history` and `linearizability` are pure and deterministic (no I/O, no clock,
+//! Invariants: `history`, `linearizability` and `staleness` are pure and deterministic (no I/O, no clock,
 //! no randomness, no unbounded search); only `cli` reads files and writes to the terminal.
 //! - [`run`]: one seeded run of real node code ([`cluster`]) on the simulated network
 //!   ([`net`]), with faults, a recorded history, the checks, and the [`trace`] hash.
@@ -17,4 +18,5 @@ pub mod html;
 pub mod linearizability;
 pub mod net;
 pub mod run;
+pub mod staleness;
 pub mod trace;

@@ -13,6 +13,7 @@ use crate::cluster::{Endpoint, SimCluster};
 use crate::history::{Event, EventType, Function, History};
 use crate::linearizability::{check_history, CheckConfig, KeyOutcome, Verdict};
 use crate::net::{NetProfile, SimNet};
+use crate::staleness::{check_bounded_reads, AckedWrite, BoundedRead};
 use crate::trace::{fnv1a, Trace};
 use floe_node::api::{ApiError, NodeApi, ReadConsistency, WriteRequest};
 use floe_node::docs::DocAction;
@@ -128,6 +129,8 @@ pub struct RunReport {
     pub bad_lines: Vec<usize>,
     /// EVENTUAL reads performed (checked: they return only values that were written).
     pub eventual_reads: u64,
+    /// BOUNDED_STALENESS reads performed (checked against their bound).
+    pub bounded_reads: u64,
     /// Bank transfers acknowledged and bank reads whose total was checked.
     pub bank_transfers_ok: u64,
     pub bank_reads_ok: u64,
@@ -143,6 +146,9 @@ struct Recorder {
     eventual: Vec<(String, Value, usize)>,
     /// SESSION reads that went behind the session.
     session_violations: Vec<String>,
+    /// Acknowledged writes and BOUNDED_STALENESS reads, for the staleness checker.
+    acked_writes: Vec<AckedWrite>,
+    bounded: Vec<BoundedRead>,
     /// Bank reads whose total was not the invariant total.
     bank_violations: Vec<String>,
     bank_transfers_ok: u64,
@@ -266,11 +272,12 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
 
     let _ = watch_stop_tx.send(true);
     let _ = leaders.await;
-    let (bank_transfers_ok, bank_reads_ok) =
-        rec.lock().map(|r| (r.bank_transfers_ok, r.bank_reads_ok)).unwrap_or((0, 0));
+    let (bank_transfers_ok, bank_reads_ok, bounded_reads) =
+        rec.lock().map(|r| (r.bank_transfers_ok, r.bank_reads_ok, r.bounded.len() as u64)).unwrap_or((0, 0, 0));
     let (events, ok, failed, unknown, eventual) = {
         let r = rec.lock().map_err(|_| "recorder poisoned".to_string())?;
         violations.extend(r.session_violations.iter().cloned());
+        violations.extend(check_bounded_reads(&r.acked_writes, &r.bounded));
         violations.extend(r.bank_violations.iter().cloned());
         (r.events.clone(), r.ok, r.failed, r.unknown, r.eventual.clone())
     };
@@ -316,6 +323,7 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
         marks: trace.marks(),
         bad_lines,
         eventual_reads: eventual.len() as u64,
+        bounded_reads,
         bank_transfers_ok,
         bank_reads_ok,
     })
@@ -533,8 +541,11 @@ async fn client_loop(
             if let Some((_, version, token)) = do_read(&ep, process, &key, &rec, &trace).await {
                 session.observe(&key, version, &token);
             }
-        } else if roll < 0.82 {
+        } else if roll < 0.78 {
             do_eventual_read(&ep, process, &key, &rec, &trace).await;
+        } else if roll < 0.82 {
+            let bound = Duration::from_millis([5, 20, 100, 1_000][rng.gen_range(0..4)]);
+            do_bounded_read(&ep, process, &key, bound, &rec, &trace).await;
         } else if roll < 0.86 {
             do_session_read(&ep, process, &key, &mut session, &rec, &trace).await;
         } else if roll < 0.9 {
@@ -570,6 +581,7 @@ async fn do_write(
     let t = match call(ep, move |api| async move { api.write("", vec![w]).await }).await {
         Some(Ok((results, meta))) => {
             acked = results.first().map(|r| (r.version, meta.session_token.clone()));
+            note_ack(rec, key, acked.as_ref().map(|a| a.0));
             EventType::Ok
         }
         Some(Err(e)) => failure_type(&e),
@@ -661,6 +673,42 @@ async fn do_session_read(
         }
     }
     session.observe(key, version, &token);
+}
+
+/// Remembers an acknowledged write of `key` for the staleness checker.
+fn note_ack(rec: &Shared<Recorder>, key: &str, version: Option<u64>) {
+    if let (Some(version), Ok(mut r)) = (version, rec.lock()) {
+        r.acked_writes.push(AckedWrite { key: key.to_string(), version, acked_at: tokio::time::Instant::now() });
+    }
+}
+
+/// A BOUNDED_STALENESS read: it must reflect every write acknowledged more than `bound`
+/// before it started (checked at the end by `staleness::check_bounded_reads`).
+async fn do_bounded_read(
+    ep: &Endpoint,
+    process: i64,
+    key: &str,
+    bound: Duration,
+    rec: &Shared<Recorder>,
+    trace: &Trace,
+) {
+    let invoked_at = tokio::time::Instant::now();
+    let consistency = ReadConsistency::BoundedStaleness { max_staleness_ms: bound.as_millis() as u64 };
+    let k = key.to_string();
+    let outcome = call(ep, move |api| async move { api.get("", COLLECTION, &k, &consistency).await }).await;
+    let version = match outcome {
+        Some(Ok((doc, _))) => doc.version,
+        Some(Err(ApiError::NotFound { code: "not_found", .. })) => 0,
+        _ => return,
+    };
+    trace.mark(
+        &format!("client {process}"),
+        &format!("bounded read {key} (≤ {} ms) -> version {version}", bound.as_millis()),
+        None,
+    );
+    if let Ok(mut r) = rec.lock() {
+        r.bounded.push(BoundedRead { process, key: key.to_string(), bound, invoked_at, version });
+    }
 }
 
 /// An EVENTUAL read: any replica's local state. Not part of the linearizable history; checked
@@ -770,6 +818,7 @@ async fn do_cas(
     let t = match call(ep, move |api| async move { api.write("", vec![w]).await }).await {
         Some(Ok((results, meta))) => {
             acked = results.first().map(|r| (r.version, meta.session_token.clone()));
+            note_ack(rec, key, acked.as_ref().map(|a| a.0));
             EventType::Ok
         }
         Some(Err(ApiError::VersionMismatch { .. })) | Some(Err(ApiError::AlreadyExists { .. })) => EventType::Fail,

@@ -107,6 +107,14 @@ mod planted {
     }
 
     #[test]
+    fn planted_stale_bounded_read_is_caught() {
+        assert!(
+            first_catch("stale-bounded-read").is_some(),
+            "100 seeds missed bounded reads served without a freshness proof"
+        );
+    }
+
+    #[test]
     fn planted_ack_before_commit_is_caught() {
         assert!(first_catch("ack-before-commit").is_some(), "100 seeds missed writes acknowledged before commit");
     }

@@ -1,10 +1,11 @@
 //! Harness for multi-process Floe tests: find the `floe` binary, pick free loopback ports,
 //! spawn `floe dev` / `floe start` processes with their output in files, wait for `/readyz`,
-//! kill -9 and restart them.
+//! kill -9 and restart them, pause (SIGSTOP) and continue (SIGCONT) them.
 //!
 //! Invariants: every child process is killed and reaped when its [`FloeProcess`] is dropped
-//! (also on panic and on test timeout), so no test leaves an orphan behind; every wait loop
-//! is bounded by a named timeout. Data and logs live in a per-test temporary directory that
+//! (also on panic, on test timeout and while it is paused: a paused one is sent SIGCONT, then
+//! SIGKILL), so no test leaves an orphan or a stopped process behind; every wait loop is
+//! bounded by a named timeout. Data and logs live in a per-test temporary directory that
 //! outlives the processes (processes are declared before the directory so they drop first).
 //!
 //! Must not depend on: node internals. Tests talk to nodes only over gRPC (`floe-client`) and
@@ -126,6 +127,8 @@ pub struct FloeProcess {
     args: Vec<String>,
     log_path: PathBuf,
     child: Option<Child>,
+    /// True between [`FloeProcess::pause`] and [`FloeProcess::resume`] (or a kill).
+    paused: bool,
     /// `127.0.0.1:port` of the gRPC listener.
     pub grpc_addr: String,
     /// `127.0.0.1:port` of the HTTP listener.
@@ -147,6 +150,7 @@ impl FloeProcess {
             args,
             log_path: log_dir.join(format!("{name}.log")),
             child: None,
+            paused: false,
             grpc_addr,
             http_addr,
         };
@@ -204,8 +208,48 @@ impl FloeProcess {
         }
     }
 
-    /// Sends SIGKILL (kill -9) and reaps the child. No-op when it is not running.
+    /// The child's process id while it is running (or paused).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// True between [`FloeProcess::pause`] and [`FloeProcess::resume`].
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Freezes the process with SIGSTOP: it keeps its sockets and memory but runs no code, like
+    /// a long GC pause or a VM stall. Undo with [`FloeProcess::resume`].
+    pub fn pause(&mut self) -> anyhow::Result<()> {
+        let pid = self.pid().ok_or_else(|| anyhow!("{} is not running, cannot pause it", self.name))?;
+        send_signal(pid, "STOP").with_context(|| format!("pause {}", self.name))?;
+        self.paused = true;
+        self.log_note("paused with SIGSTOP");
+        Ok(())
+    }
+
+    /// Continues a paused process with SIGCONT. No-op when it is not paused.
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        if !self.paused {
+            return Ok(());
+        }
+        let pid = self.pid().ok_or_else(|| anyhow!("{} is not running, cannot resume it", self.name))?;
+        send_signal(pid, "CONT").with_context(|| format!("resume {}", self.name))?;
+        self.paused = false;
+        self.log_note("continued with SIGCONT");
+        Ok(())
+    }
+
+    fn log_note(&self, note: &str) {
+        if let Ok(mut log) = OpenOptions::new().append(true).open(&self.log_path) {
+            let _ = writeln!(log, "=== harness: {note}");
+        }
+    }
+
+    /// Sends SIGKILL (kill -9) and reaps the child. No-op when it is not running. Works on a
+    /// paused process too (SIGKILL is delivered to stopped processes).
     pub fn kill9(&mut self) -> anyhow::Result<()> {
+        self.paused = false;
         if let Some(mut child) = self.child.take() {
             // kill() fails only if the child already exited; wait() reaps it either way.
             let _ = child.kill();
@@ -278,10 +322,29 @@ impl Drop for FloeProcess {
             eprintln!("{}", self.log_tail(LOG_TAIL_BYTES));
         }
         if let Some(mut child) = self.child.take() {
+            if self.paused {
+                // SIGKILL alone would do; continuing first lets the kill look ordinary.
+                let _ = send_signal(child.id(), "CONT");
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
     }
+}
+
+/// Sends signal `name` (`STOP`, `CONT`, ...) to `pid` with the `kill` command (the crate
+/// forbids `unsafe`, so no `libc::kill`).
+fn send_signal(pid: u32, name: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .stdin(Stdio::null())
+        .status()
+        .with_context(|| format!("run `kill -{name} {pid}`"))?;
+    if !status.success() {
+        bail!("`kill -{name} {pid}` exited with {status}");
+    }
+    Ok(())
 }
 
 /// A single `floe dev` node on free ports with its data in a temporary directory.
@@ -407,6 +470,14 @@ impl Cluster {
     /// The node with this id.
     pub fn node_mut(&mut self, node_id: u64) -> anyhow::Result<&mut ClusterNode> {
         self.nodes.iter_mut().find(|node| node.node_id == node_id).ok_or_else(|| anyhow!("no node with id {node_id}"))
+    }
+
+    /// Kills every node and keeps the temporary directory (data, logs and whatever the test
+    /// wrote there) on disk instead of deleting it; returns its path. For failure reports.
+    pub fn keep_dir(self) -> PathBuf {
+        let Cluster { nodes, dir } = self;
+        drop(nodes);
+        dir.keep()
     }
 
     /// The log tails of all nodes, for failure messages.

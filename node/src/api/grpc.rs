@@ -286,4 +286,58 @@ impl Admin for GrpcApi {
         });
         self.finish("cluster_status", started, out)
     }
+
+    async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> Result<Response<pb::AddNodeResponse>, Status> {
+        let started = Instant::now();
+        let r = req.into_inner();
+        let out = self
+            .api
+            .add_node(r.node_id, &r.grpc_addr, &r.cluster_id)
+            .await
+            .map(|groups| pb::AddNodeResponse { groups: group_members(groups) });
+        self.finish("add_node", started, out)
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        let started = Instant::now();
+        let out = self
+            .api
+            .remove_node(req.into_inner().node_id)
+            .await
+            .map(|groups| pb::RemoveNodeResponse { groups: group_members(groups) });
+        self.finish("remove_node", started, out)
+    }
+
+    async fn replica_status(
+        &self,
+        _req: Request<pb::ReplicaStatusRequest>,
+    ) -> Result<Response<pb::ReplicaStatusResponse>, Status> {
+        let started = Instant::now();
+        let replicas = self
+            .api
+            .host()
+            .replica_status()
+            .into_iter()
+            .map(|r| pb::ReplicaStatus {
+                group: r.group,
+                role: r.role.into(),
+                term: r.term,
+                leader: r.leader.unwrap_or(0),
+                last_log_index: r.last_log_index,
+                applied_index: r.applied_index,
+                voters: r.voters,
+                learners: r.learners,
+                matched: r.matched.into_iter().collect(),
+            })
+            .collect();
+        let out = Ok(pb::ReplicaStatusResponse { node_id: self.api.node_id, replicas });
+        self.finish("replica_status", started, out)
+    }
+}
+
+fn group_members(groups: Vec<(u64, Vec<u64>)>) -> Vec<pb::GroupMembers> {
+    groups.into_iter().map(|(group, voters)| pb::GroupMembers { group, voters }).collect()
 }

@@ -10,11 +10,16 @@
 //! - a STRONG read returns state at least as new as every write acknowledged before it
 //!   started: the group leader confirms leadership (batched read index) and the serving
 //!   replica waits until it applied that position;
+//! - a BOUNDED_STALENESS read with bound S returns state containing every write committed
+//!   more than S before it was served, proved with this node's own clock (`raft::freshness`);
+//!   a replica that cannot prove it (leader unreachable) refuses with a retryable 503;
+//! - a SESSION read returns state at or after its token's position;
 //! - an EVENTUAL read returns this replica's applied state, no waiting.
 
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod membership;
 
 pub use error::ApiError;
 
@@ -23,7 +28,7 @@ use crate::docs::{self, limits, DocAction, DocBatch, DocOp, DocWriteResult, Limi
 use crate::keys;
 use crate::load::RateMeter;
 use crate::metrics::Metrics;
-use crate::raft::host::RaftHost;
+use crate::raft::host::{BoundedPath, RaftHost};
 use crate::raft::types::{Command, CommandResponse, GroupId, NodeId};
 use crate::storage::engine::in_range;
 use crate::storage::Cf;
@@ -43,6 +48,18 @@ pub enum ReadConsistency {
         token: String,
     },
     Eventual,
+}
+
+impl ReadConsistency {
+    /// The level's name in metrics and messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            ReadConsistency::Strong => "strong",
+            ReadConsistency::BoundedStaleness { .. } => "bounded",
+            ReadConsistency::Session { .. } => "session",
+            ReadConsistency::Eventual => "eventual",
+        }
+    }
 }
 
 /// A stored document as returned to users.
@@ -100,6 +117,25 @@ pub fn read_units(bytes: usize) -> f64 {
 }
 pub fn write_units(bytes: usize) -> f64 {
     5.0 * bytes.div_ceil(1024).max(1) as f64
+}
+
+/// Records a read's latency per consistency level when dropped (errors included).
+struct ReadTimer<'a> {
+    metrics: &'a Metrics,
+    consistency: &'static str,
+    started: tokio::time::Instant,
+}
+
+impl<'a> ReadTimer<'a> {
+    fn start(metrics: &'a Metrics, consistency: &ReadConsistency) -> Self {
+        Self { metrics, consistency: consistency.name(), started: tokio::time::Instant::now() }
+    }
+}
+
+impl Drop for ReadTimer<'_> {
+    fn drop(&mut self) {
+        self.metrics.observe_read_latency(self.consistency, self.started.elapsed());
+    }
 }
 
 /// The node's request handlers.
@@ -213,40 +249,68 @@ impl NodeApi {
         self.create_collection(tenant, collection).await.map(|_| ())
     }
 
-    /// Reads the position a read must reflect, per consistency level.
+    /// Reads the position a read must reflect, per consistency level, and counts how it was
+    /// found (`floe_read_paths_total`).
     async fn read_position(&self, group: GroupId, consistency: &ReadConsistency) -> Result<u64, ApiError> {
-        match consistency {
-            ReadConsistency::Strong if crate::planted::is_planted("stale-strong-read") => {
-                Ok(self.host.group(group).map(|g| g.applied_index()).unwrap_or(0))
+        let applied = || self.host.group(group).map(|g| g.applied_index()).unwrap_or(0);
+        let leads = self.host.group(group).is_some_and(|g| g.is_leader());
+        let through_leader = if leads { "read_index" } else { "forwarded" };
+        let (position, path) = match consistency {
+            ReadConsistency::Strong if crate::planted::is_planted("stale-strong-read") => (applied(), "local"),
+            ReadConsistency::Strong => (self.host.linearizable_position(group).await?, through_leader),
+            ReadConsistency::Eventual => (applied(), "local"),
+            ReadConsistency::Session { token } => {
+                let (position, waited) = self.session_position(group, token).await?;
+                (position, waited.unwrap_or(through_leader))
             }
-            ReadConsistency::Strong => Ok(self.host.linearizable_position(group).await?),
-            ReadConsistency::Eventual => Ok(self.host.group(group).map(|g| g.applied_index()).unwrap_or(0)),
-            ReadConsistency::Session { token } => self.session_position(group, token).await,
-            ReadConsistency::BoundedStaleness { .. } => Err(ApiError::invalid(
-                "unsupported_consistency",
-                "BOUNDED_STALENESS reads are not available yet; use STRONG, SESSION or EVENTUAL",
-            )),
-        }
+            ReadConsistency::BoundedStaleness { .. } if crate::planted::is_planted("stale-bounded-read") => {
+                (applied(), "local")
+            }
+            ReadConsistency::BoundedStaleness { max_staleness_ms } => {
+                let bound = Duration::from_millis(*max_staleness_ms);
+                match self.host.bounded_position(group, bound).await {
+                    Ok((position, BoundedPath::Local)) => (position, "local"),
+                    Ok((position, BoundedPath::WaitedApply)) => (position, "waited"),
+                    Ok((position, BoundedPath::Refreshed)) => (position, through_leader),
+                    Err(e) => {
+                        self.metrics.observe_read_path(consistency.name(), "refused");
+                        return Err(ApiError::Unavailable {
+                            message: format!(
+                                "this replica cannot prove its state is within {max_staleness_ms} ms of the \
+                                 leader's ({e}); retry, or read from another node"
+                            ),
+                            retry_safe: true,
+                        });
+                    }
+                }
+            }
+        };
+        self.metrics.observe_read_path(consistency.name(), path);
+        Ok(position)
     }
 
     /// A SESSION read: this replica serves once it applied the token's position (waiting up
     /// to `SESSION_WAIT`); otherwise, or for a token of another group, it falls back to a
-    /// linearizable position, which is always at least as new as any token.
-    async fn session_position(&self, group: GroupId, token: &str) -> Result<u64, ApiError> {
+    /// linearizable position, which is always at least as new as any token. Returns the
+    /// position and, when served here, `"local"` or `"waited"` (`None`: through the leader).
+    async fn session_position(&self, group: GroupId, token: &str) -> Result<(u64, Option<&'static str>), ApiError> {
         let local = || self.host.group(group).map(|g| g.applied_index()).unwrap_or(0);
         if token.is_empty() {
-            return Ok(local());
+            return Ok((local(), Some("local")));
         }
-        let (token_group, index) = parse_session_token(token)?;
+        let positions = parse_session_token(token)?;
         if crate::planted::is_planted("lost-session") {
-            return Ok(local());
+            return Ok((local(), Some("local")));
         }
-        if token_group != group {
-            return Ok(self.host.linearizable_position(group).await?);
-        }
+        // A token without this group (e.g. the key's range moved to another group since the
+        // client saw it) falls back to a linearizable position: always at least as new.
+        let Some(&(_, index)) = positions.iter().find(|(g, _)| *g == group) else {
+            return Ok((self.host.linearizable_position(group).await?, None));
+        };
         match self.host.group(group) {
-            Some(g) if g.wait_applied(index, SESSION_WAIT).await => Ok(g.applied_index()),
-            _ => Ok(self.host.linearizable_position(group).await?),
+            Some(g) if g.applied_index() >= index => Ok((g.applied_index(), Some("local"))),
+            Some(g) if g.wait_applied(index, SESSION_WAIT).await => Ok((g.applied_index(), Some("waited"))),
+            _ => Ok((self.host.linearizable_position(group).await?, None)),
         }
     }
 
@@ -264,6 +328,7 @@ impl NodeApi {
         id: &str,
         consistency: &ReadConsistency,
     ) -> Result<(DocView, ResponseMeta), ApiError> {
+        let _timer = ReadTimer::start(&self.metrics, consistency);
         let tenant = tenant_or_default(tenant);
         self.check_tenant_collection(tenant, collection)?;
         limits::check_id(id, &self.limits)?;
@@ -296,6 +361,7 @@ impl NodeApi {
         ids: &[String],
         consistency: &ReadConsistency,
     ) -> Result<(BatchGetItems, ResponseMeta), ApiError> {
+        let _timer = ReadTimer::start(&self.metrics, consistency);
         let tenant = tenant_or_default(tenant);
         self.check_tenant_collection(tenant, collection)?;
         if ids.len() > self.limits.batch_ops_max {
@@ -557,12 +623,29 @@ fn doc_view(collection: &str, id: &str, stored: &[u8]) -> Result<DocView, ApiErr
 pub const SESSION_WAIT: Duration = Duration::from_millis(500);
 
 /// Parses a session token `group:index` (as returned in every response).
-pub fn parse_session_token(token: &str) -> Result<(GroupId, u64), ApiError> {
-    let bad =
-        || ApiError::invalid("invalid_argument", format!("malformed session token {token:?}: expected group:index"));
-    let (g, i) = token.split_once(':').ok_or_else(bad)?;
-    Ok((g.parse().map_err(|_| bad())?, i.parse().map_err(|_| bad())?))
+/// Parses a session token: `group:index`, or several comma separated (what a client that
+/// talked to many groups sends; each group at most once).
+pub fn parse_session_token(token: &str) -> Result<Vec<(GroupId, u64)>, ApiError> {
+    let bad = || {
+        ApiError::invalid(
+            "invalid_argument",
+            format!("malformed session token {token:?}: expected group:index[,group:index...]"),
+        )
+    };
+    let mut out: Vec<(GroupId, u64)> = Vec::new();
+    for part in token.split(',') {
+        let (g, i) = part.trim().split_once(':').ok_or_else(bad)?;
+        let (g, i): (GroupId, u64) = (g.parse().map_err(|_| bad())?, i.parse().map_err(|_| bad())?);
+        if out.iter().any(|(seen, _)| *seen == g) || out.len() >= SESSION_TOKEN_GROUPS_MAX {
+            return Err(bad());
+        }
+        out.push((g, i));
+    }
+    Ok(out)
 }
+
+/// Bound on the groups one session token may name.
+pub const SESSION_TOKEN_GROUPS_MAX: usize = 4_096;
 
 fn prefix_batch_error(e: ApiError, index: usize) -> ApiError {
     let p = |m: String| format!("operation {index}: {m}");
@@ -587,8 +670,9 @@ mod tests {
 
     #[test]
     fn session_tokens_parse_or_name_the_problem() {
-        assert_eq!(parse_session_token("1:42").unwrap(), (1, 42));
-        for bad in ["", "1", "x:1", "1:y", "1:2:3"] {
+        assert_eq!(parse_session_token("1:42").unwrap(), vec![(1, 42)]);
+        assert_eq!(parse_session_token("1:42,7:3").unwrap(), vec![(1, 42), (7, 3)]);
+        for bad in ["", "1", "x:1", "1:y", "1:2:3", "1:2,1:3", "1:2,"] {
             let e = parse_session_token(bad).unwrap_err();
             assert_eq!(e.http_status(), 400, "{bad:?}");
             assert!(e.to_string().contains("session token"), "{e}");

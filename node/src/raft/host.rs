@@ -10,6 +10,7 @@
 //! - a proposal reports `Unavailable { retry_safe: true }` only when it certainly was not
 //!   appended anywhere; a timeout is an unknown outcome.
 
+use super::freshness::{self, Freshness, Proof};
 use super::log_store::LogStore;
 use super::network::{GroupNetworkFactory, SnapshotHeader};
 use super::state_machine::GroupStateMachine;
@@ -20,9 +21,9 @@ use crate::storage::Engine;
 use crate::transport::{Envelope, Inbound, RpcKind, Transport, TransportError};
 use futures::future::BoxFuture;
 use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
-use openraft::{BasicNode, ServerState};
+use openraft::{BasicNode, ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Cursor;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -84,14 +85,39 @@ pub enum GroupError {
 pub enum ForwardRequest {
     Propose(Command),
     ReadIndex,
+    ChangeMembers(MemberChange),
+}
+
+/// A change of a group's voters, run on its leader.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberChange {
+    /// Add as learner, wait until it caught up (snapshot if the log was purged), promote to
+    /// voter. A node that already votes is left as it is.
+    AddVoter { id: NodeId, addr: String },
+    /// Remove a voter or learner (joint consensus; a leader removing itself steps down once
+    /// the change commits). Refused when it would leave the group without voters.
+    Remove { id: NodeId },
 }
 
 /// The leader's answer to a `ForwardRequest`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ForwardResponse {
-    Proposed { index: u64, response: CommandResponse },
-    ReadIndex { index: u64 },
-    NotLeader { leader: Option<(NodeId, String)> },
+    Proposed {
+        index: u64,
+        response: CommandResponse,
+    },
+    ReadIndex {
+        index: u64,
+    },
+    /// The group's voters after a membership change (`index`: its log index, 0 when nothing
+    /// had to change).
+    MembersChanged {
+        index: u64,
+        voters: Vec<NodeId>,
+    },
+    NotLeader {
+        leader: Option<(NodeId, String)>,
+    },
     Failed(GroupError),
 }
 
@@ -109,6 +135,8 @@ pub struct GroupHandle {
     pub raft: Raft,
     applied: Arc<Progress>,
     reads: mpsc::Sender<ReadWaiter>,
+    /// The newest bounded-staleness proof of this replica (see `freshness`).
+    pub freshness: Freshness,
 }
 
 impl GroupHandle {
@@ -208,7 +236,7 @@ impl RaftHost {
         let raft = Raft::new(self.config.node_id, config, network, log, sm).await.map_err(|e| fatal(e.to_string()))?;
         let (reads, rx) = mpsc::channel(READ_QUEUE_MAX);
         super::runtime::spawn(read_index_loop(raft.clone(), rx));
-        let handle = Arc::new(GroupHandle { group, raft, applied, reads });
+        let handle = Arc::new(GroupHandle { group, raft, applied, reads, freshness: Freshness::default() });
         let mut groups = self.groups.lock().map_err(|_| fatal("registry poisoned".into()))?;
         // Registered under the lock: a concurrent start of the same group loses here and its
         // Raft is dropped before it ever ran a round.
@@ -259,6 +287,89 @@ impl RaftHost {
         }
     }
 
+    async fn change_members_local(&self, group: GroupId, change: MemberChange) -> ForwardResponse {
+        let Some(h) = self.group(group) else { return ForwardResponse::Failed(GroupError::UnknownGroup(group)) };
+        let membership = h.raft.metrics().borrow().membership_config.membership().clone();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let known: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+        let unchanged = |voters: &BTreeSet<NodeId>| ForwardResponse::MembersChanged {
+            index: 0,
+            voters: voters.iter().copied().collect(),
+        };
+        let write_error = |e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>| match e {
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                ForwardResponse::NotLeader { leader: leader_of_forward(&f) }
+            }
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                ForwardResponse::Failed(GroupError::Unavailable { group, reason: e.to_string(), retry_safe: true })
+            }
+            RaftError::Fatal(e) => {
+                ForwardResponse::Failed(GroupError::Unavailable { group, reason: e.to_string(), retry_safe: false })
+            }
+        };
+        let timeout = MEMBERSHIP_TIMEOUT;
+        let timed_out =
+            || ForwardResponse::Failed(GroupError::Timeout { group, timeout_ms: timeout.as_millis() as u64 });
+        let result = match change {
+            MemberChange::AddVoter { id, .. } if voters.contains(&id) => return unchanged(&voters),
+            MemberChange::AddVoter { id, addr } => {
+                // Not openraft's blocking add: it calls a learner within
+                // `replication_lag_threshold` (5,000 entries) "up to date", even one that never
+                // answered. Promote only once it holds the entry that added it.
+                let added = match tokio::time::timeout(timeout, h.raft.add_learner(id, BasicNode { addr }, false)).await
+                {
+                    Err(_) => return timed_out(),
+                    Ok(Err(e)) => return write_error(e),
+                    Ok(Ok(resp)) => resp.log_id.index,
+                };
+                let caught_up = h
+                    .raft
+                    .wait(Some(timeout))
+                    .metrics(
+                        |m| match &m.replication {
+                            None => true, // no longer leader: checked below
+                            Some(r) => r.get(&id).and_then(|l| l.map(|l| l.index)).is_some_and(|i| i >= added),
+                        },
+                        "learner caught up",
+                    )
+                    .await;
+                match caught_up {
+                    Err(_) => return timed_out(),
+                    Ok(m) if m.replication.is_none() => return ForwardResponse::NotLeader { leader: None },
+                    Ok(_) => {}
+                }
+                let add = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
+                tokio::time::timeout(timeout, h.raft.change_membership(add, false)).await
+            }
+            MemberChange::Remove { id } if !known.contains(&id) => return unchanged(&voters),
+            MemberChange::Remove { id } if voters.len() == 1 && voters.contains(&id) => {
+                return ForwardResponse::Failed(GroupError::Fatal {
+                    group,
+                    reason: format!("node {id} is the group's only voter; add another node first"),
+                })
+            }
+            MemberChange::Remove { id } if voters.contains(&id) => {
+                let remove = ChangeMembers::RemoveVoters(BTreeSet::from([id]));
+                tokio::time::timeout(timeout, h.raft.change_membership(remove, false)).await
+            }
+            MemberChange::Remove { id } => {
+                let remove = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
+                tokio::time::timeout(timeout, h.raft.change_membership(remove, false)).await
+            }
+        };
+        match result {
+            Err(_) => timed_out(),
+            Ok(Err(e)) => write_error(e),
+            Ok(Ok(resp)) => {
+                let voters = resp
+                    .membership
+                    .map(|m| m.voter_ids().collect::<Vec<_>>())
+                    .unwrap_or_else(|| voters.iter().copied().collect());
+                ForwardResponse::MembersChanged { index: resp.log_id.index, voters }
+            }
+        }
+    }
+
     async fn read_index_local(&self, group: GroupId) -> ForwardResponse {
         let Some(h) = self.group(group) else { return ForwardResponse::Failed(GroupError::UnknownGroup(group)) };
         let (tx, rx) = oneshot::channel();
@@ -288,7 +399,11 @@ impl RaftHost {
     /// Runs `req` on the group leader: here if this node leads, else forwarded. Retries with
     /// the leader hint it learns, bounded by the request timeout.
     async fn on_leader(&self, group: GroupId, req: ForwardRequest) -> Result<ForwardResponse, GroupError> {
-        let deadline = tokio::time::Instant::now() + self.config.tuning.request_timeout;
+        let timeout = match req {
+            ForwardRequest::ChangeMembers(_) => MEMBERSHIP_TIMEOUT,
+            _ => self.config.tuning.request_timeout,
+        };
+        let deadline = tokio::time::Instant::now() + timeout;
         let mut hint: Option<(NodeId, String)> = None;
         let mut attempt = 0u32;
         let mut retry_safe = true;
@@ -300,6 +415,7 @@ impl RaftHost {
                 Some((id, _)) if id == self.config.node_id => match &req {
                     ForwardRequest::Propose(cmd) => self.propose_local(group, cmd.clone()).await,
                     ForwardRequest::ReadIndex => self.read_index_local(group).await,
+                    ForwardRequest::ChangeMembers(change) => self.change_members_local(group, change.clone()).await,
                 },
                 Some((id, addr)) if !addr.is_empty() => {
                     let env = Envelope {
@@ -334,7 +450,7 @@ impl RaftHost {
             // failed to reach a log; an idempotent one (deduplicated at apply) always may be.
             let idempotent = match &req {
                 ForwardRequest::Propose(cmd) => cmd.is_idempotent(),
-                ForwardRequest::ReadIndex => true,
+                ForwardRequest::ReadIndex | ForwardRequest::ChangeMembers(_) => true,
             };
             let retry = match &resp {
                 ForwardResponse::NotLeader { leader } => {
@@ -365,21 +481,38 @@ impl RaftHost {
         match self.on_leader(group, ForwardRequest::Propose(cmd)).await? {
             ForwardResponse::Proposed { index, response } => Ok((index, response)),
             ForwardResponse::Failed(e) => Err(e),
-            ForwardResponse::ReadIndex { .. } | ForwardResponse::NotLeader { .. } => {
+            ForwardResponse::ReadIndex { .. }
+            | ForwardResponse::MembersChanged { .. }
+            | ForwardResponse::NotLeader { .. } => {
                 Err(GroupError::Unavailable { group, reason: "no leader elected".into(), retry_safe: true })
             }
         }
     }
 
+    /// Changes the voters of `group` on its leader (forwarded when another node leads).
+    /// Returns the voters afterwards.
+    pub async fn change_members(&self, group: GroupId, change: MemberChange) -> Result<Vec<NodeId>, GroupError> {
+        match self.on_leader(group, ForwardRequest::ChangeMembers(change)).await? {
+            ForwardResponse::MembersChanged { voters, .. } => Ok(voters),
+            ForwardResponse::Failed(e) => Err(e),
+            _ => Err(GroupError::Unavailable { group, reason: "no leader elected".into(), retry_safe: true }),
+        }
+    }
+
     /// A linearizable read position: the leader confirms its leadership (batched read index),
     /// then this replica waits until it applied that position. Returns the position.
+    /// Every successful call also records a freshness proof for bounded reads.
     pub async fn linearizable_position(&self, group: GroupId) -> Result<u64, GroupError> {
+        // Taken before the request leaves: the leader confirms leadership after receiving
+        // it, so the read index covers every write committed before this instant.
+        let as_of = tokio::time::Instant::now();
         let index = match self.on_leader(group, ForwardRequest::ReadIndex).await? {
             ForwardResponse::ReadIndex { index } => index,
             ForwardResponse::Failed(e) => return Err(e),
             _ => return Err(GroupError::Unavailable { group, reason: "no leader elected".into(), retry_safe: true }),
         };
         let h = self.group(group).ok_or(GroupError::UnknownGroup(group))?;
+        h.freshness.record(Proof { index, as_of });
         if h.wait_applied(index, self.config.tuning.request_timeout).await {
             Ok(index)
         } else {
@@ -389,6 +522,59 @@ impl RaftHost {
                 retry_safe: true,
             })
         }
+    }
+
+    /// A read position whose state is no older than `bound`: this replica's applied index
+    /// when its freshness proof allows (no network round), else a new proof (one read-index
+    /// round through the leader; fails when the leader cannot be reached). Returns the
+    /// position and how it was obtained.
+    pub async fn bounded_position(&self, group: GroupId, bound: Duration) -> Result<(u64, BoundedPath), GroupError> {
+        let h = self.group(group).ok_or(GroupError::UnknownGroup(group))?;
+        let now = tokio::time::Instant::now();
+        match freshness::decide(h.freshness.newest(), h.applied_index(), now, bound) {
+            freshness::Decision::Serve => return Ok((h.applied_index(), BoundedPath::Local)),
+            freshness::Decision::WaitApplied { index, deadline } => {
+                if tokio::time::timeout_at(deadline, h.applied.wait_at_least(index)).await.is_ok() {
+                    return Ok((h.applied_index(), BoundedPath::WaitedApply));
+                }
+            }
+            freshness::Decision::Refresh => {}
+        }
+        let index = self.linearizable_position(group).await?;
+        Ok((index, BoundedPath::Refreshed))
+    }
+
+    /// Every group replica on this node, from its raft metrics (for `floe ctl status`).
+    pub fn replica_status(&self) -> Vec<ReplicaStatus> {
+        let mut out = Vec::new();
+        for group in self.group_ids() {
+            let Some(h) = self.group(group) else { continue };
+            let m = h.raft.metrics().borrow().clone();
+            let membership = m.membership_config.membership();
+            let matched = m
+                .replication
+                .as_ref()
+                .map(|r| r.iter().map(|(id, log)| (*id, log.map(|l| l.index).unwrap_or(0))).collect())
+                .unwrap_or_default();
+            out.push(ReplicaStatus {
+                group,
+                role: match m.state {
+                    ServerState::Leader => "leader",
+                    ServerState::Follower => "follower",
+                    ServerState::Candidate => "candidate",
+                    ServerState::Learner => "learner",
+                    ServerState::Shutdown => "shutdown",
+                },
+                term: m.current_term,
+                leader: m.current_leader,
+                last_log_index: m.last_log_index.unwrap_or(0),
+                applied_index: h.applied_index(),
+                voters: membership.voter_ids().collect(),
+                learners: membership.learner_ids().collect(),
+                matched,
+            });
+        }
+        out
     }
 
     fn check_envelope(&self, env: &Envelope) -> Result<Arc<GroupHandle>, String> {
@@ -402,6 +588,35 @@ impl RaftHost {
             .ok_or_else(|| format!("group {} is not running on node {}", env.group_id, self.config.node_id))
     }
 }
+
+/// One group replica as this node sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    pub group: GroupId,
+    pub role: &'static str,
+    pub term: u64,
+    pub leader: Option<NodeId>,
+    pub last_log_index: u64,
+    pub applied_index: u64,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+    /// On the leader: the log index each replica matched.
+    pub matched: BTreeMap<NodeId, u64>,
+}
+
+/// How a bounded-staleness read found its position (for metrics).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BoundedPath {
+    /// The replica's proof covered it: local state, no waiting.
+    Local,
+    /// The proof was fresh enough but the replica had to apply up to it first.
+    WaitedApply,
+    /// A new proof was taken through the leader (one read-index round).
+    Refreshed,
+}
+
+/// Bound on one membership change, including a learner's catch-up (snapshot streaming).
+pub const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Bound on queued strong reads per group.
 pub const READ_QUEUE_MAX: usize = 16_384;
@@ -450,6 +665,7 @@ impl Inbound for Arc<RaftHost> {
                     let resp = match req {
                         ForwardRequest::Propose(cmd) => host.propose_local(env.group_id, cmd).await,
                         ForwardRequest::ReadIndex => host.read_index_local(env.group_id).await,
+                        ForwardRequest::ChangeMembers(change) => host.change_members_local(env.group_id, change).await,
                     };
                     encode(&resp)
                 }

@@ -1,0 +1,120 @@
+//! Cluster membership handlers on `NodeApi`: add a node, remove a node.
+//!
+//! Owns: the order of a membership change across groups and the catalog. A node joins the
+//! meta group first (so it learns the shard map), then every shard group; each group adds it
+//! as a learner, waits for it to catch up (snapshot streaming when the log was purged) and
+//! promotes it (raft joint consensus). The catalog's shard replica lists follow each group's
+//! voters. Removal runs the same steps in reverse order and tombstones the node id.
+//!
+//! Invariants:
+//! - every step is idempotent, so a retried or interrupted change converges when re-run;
+//! - a node id is never reused: a removed id, or an id registered at another address, is
+//!   refused (RAFT-NOTES pitfall "wrong node equals data loss");
+//! - a change never leaves a group without a voter.
+
+use super::{ApiError, NodeApi};
+use crate::catalog::{CatalogCommand, NodeInfo};
+use crate::keys;
+use crate::raft::host::MemberChange;
+use crate::raft::types::{Command, GroupId, NodeId};
+
+impl NodeApi {
+    /// Groups a membership change walks through: the meta group first, then every shard.
+    fn member_groups(&self) -> Result<Vec<GroupId>, ApiError> {
+        let mut groups = vec![keys::META_GROUP];
+        groups.extend(self.catalog().shards()?.into_iter().map(|s| s.id));
+        Ok(groups)
+    }
+
+    /// Adds node `id` at `grpc_addr` to every group as a voter. Returns each group's voters.
+    /// `cluster_id` is the joining node's (empty: not checked); a node of another cluster
+    /// would refuse every raft message, so it is refused here first.
+    pub async fn add_node(
+        &self,
+        id: NodeId,
+        grpc_addr: &str,
+        cluster_id: &str,
+    ) -> Result<Vec<(GroupId, Vec<NodeId>)>, ApiError> {
+        if id == 0 {
+            return Err(ApiError::invalid("invalid_argument", "node ids start at 1"));
+        }
+        let ours = &self.host().config.cluster_id;
+        if !cluster_id.is_empty() && cluster_id != ours {
+            return Err(ApiError::invalid(
+                "cluster_mismatch",
+                format!("this cluster is {ours:?} but node {id} was started with --cluster-id {cluster_id:?}"),
+            ));
+        }
+        if grpc_addr.trim().is_empty() || !grpc_addr.contains(':') {
+            return Err(ApiError::invalid("invalid_argument", format!("grpc_addr {grpc_addr:?} is not host:port")));
+        }
+        // Decide on the newest catalog (this replica may lag).
+        self.host().linearizable_position(keys::META_GROUP).await?;
+        if self.catalog().is_removed(id)? {
+            return Err(ApiError::AlreadyExists {
+                message: format!("node id {id} was removed from this cluster; join with a new id"),
+                current_version: 0,
+            });
+        }
+        if let Some(existing) = self.catalog().nodes()?.into_iter().find(|n| n.id == id) {
+            if existing.grpc_addr != grpc_addr {
+                return Err(ApiError::AlreadyExists {
+                    message: format!(
+                        "node id {id} is already a member at {}; a node id names one machine",
+                        existing.grpc_addr
+                    ),
+                    current_version: 0,
+                });
+            }
+        }
+        // Announce the address first: peers resolve it through the catalog too.
+        let info = NodeInfo { id, grpc_addr: grpc_addr.to_string(), http_addr: String::new() };
+        if self.catalog().nodes()?.iter().all(|n| n.id != id) {
+            self.host().propose(keys::META_GROUP, Command::Catalog(CatalogCommand::RegisterNode(info))).await?;
+        }
+        let mut out = Vec::new();
+        for group in self.member_groups()? {
+            let change = MemberChange::AddVoter { id, addr: grpc_addr.to_string() };
+            let voters = self.host().change_members(group, change).await?;
+            self.record_replicas(group, &voters).await?;
+            tracing::info!(node = id, group, ?voters, "node added to group");
+            out.push((group, voters));
+        }
+        Ok(out)
+    }
+
+    /// Removes node `id` from every group, shards first and the meta group last, then
+    /// forgets it in the catalog. Returns each group's voters.
+    pub async fn remove_node(&self, id: NodeId) -> Result<Vec<(GroupId, Vec<NodeId>)>, ApiError> {
+        self.host().linearizable_position(keys::META_GROUP).await?;
+        let known = self.catalog().nodes()?.iter().any(|n| n.id == id);
+        if !known && self.catalog().is_removed(id)? {
+            return Ok(Vec::new());
+        }
+        if !known {
+            return Err(ApiError::NotFound { code: "node_not_found", message: format!("node {id} is not a member") });
+        }
+        let mut groups = self.member_groups()?;
+        groups.reverse();
+        let mut out = Vec::new();
+        for group in groups {
+            let voters = self.host().change_members(group, MemberChange::Remove { id }).await?;
+            self.record_replicas(group, &voters).await?;
+            tracing::info!(node = id, group, ?voters, "node removed from group");
+            out.push((group, voters));
+        }
+        self.host().propose(keys::META_GROUP, Command::Catalog(CatalogCommand::RemoveNode { id })).await?;
+        Ok(out)
+    }
+
+    /// Writes a shard group's voters into the catalog's shard map (the meta group's own
+    /// membership is not a shard).
+    async fn record_replicas(&self, group: GroupId, voters: &[NodeId]) -> Result<(), ApiError> {
+        if group == keys::META_GROUP {
+            return Ok(());
+        }
+        let cmd = CatalogCommand::SetReplicas { shard: group, replicas: voters.to_vec() };
+        self.host().propose(keys::META_GROUP, Command::Catalog(cmd)).await?;
+        Ok(())
+    }
+}

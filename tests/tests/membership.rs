@@ -1,0 +1,167 @@
+//! Membership changes under load lose nothing (issue 4): three `floe start` processes take
+//! writes while a fourth node joins with `--join` (after the log was compacted, so it catches
+//! up by snapshot), then node 1 is removed with the client's `remove_node` (what
+//! `floe ctl node remove` calls) and its process stopped. Every acknowledged write is read
+//! back strongly from the remaining nodes, the joined node serves them locally, and the
+//! removed id is refused when it tries to come back.
+//!
+//! Needs the `floe` binary (see `floe_tests::floe_bin`). Bounded by `TEST_TIMEOUT`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use floe_client::{Client, Document, ReadConsistency};
+use floe_tests::{client_for, ensure_collection, free_ports, Cluster, ClusterNode, FloeProcess, READY_TIMEOUT};
+use serde_json::{json, Value};
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(180);
+const COLLECTION: &str = "members";
+/// Distinct documents acknowledged before the join starts (ids cycle over 400; more than the
+/// snapshot interval, so the joiner needs a snapshot).
+const WRITES_BEFORE_JOIN: usize = 300;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn join_and_remove_under_load_lose_nothing() {
+    match tokio::time::timeout(TEST_TIMEOUT, run()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => panic!("{error:?}"),
+        Err(_) => panic!("test exceeded {} s", TEST_TIMEOUT.as_secs()),
+    }
+}
+
+/// Acknowledged writes: id → (version, value).
+type Acked = Arc<Mutex<BTreeMap<String, (u64, i64)>>>;
+
+async fn writer(client: Client, acked: Acked, stop: Arc<AtomicBool>) -> usize {
+    let mut errors = 0;
+    let mut n: i64 = 0;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let id = format!("d{}", n % 400);
+        match client.collection(COLLECTION).put(&id, &json!({ "n": n })).await {
+            Ok(outcome) => {
+                if let Ok(mut a) = acked.lock() {
+                    a.insert(id, (outcome.version, n));
+                }
+            }
+            Err(_) => {
+                // Unknown outcome: the document holds the last acknowledged write or, if this
+                // one applied, a newer version; the final check allows both.
+                errors += 1;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    errors
+}
+
+fn acked_count(acked: &Acked) -> usize {
+    acked.lock().map(|a| a.len()).unwrap_or(0)
+}
+
+async fn run() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start_with_args(3, &["--snapshot-count", "100", "--snapshot-keep-logs", "10"])
+        .await
+        .context("start cluster")?;
+    let endpoints = cluster.grpc_endpoints();
+    let client = client_for(&endpoints)?;
+    ensure_collection(&client, COLLECTION).await?;
+
+    let acked: Acked = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writers: Vec<_> = (0..2)
+        .map(|_| tokio::spawn(writer(client_for(&endpoints[1..]).expect("client"), acked.clone(), stop.clone())))
+        .collect();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while acked_count(&acked) < WRITES_BEFORE_JOIN {
+        if tokio::time::Instant::now() > deadline {
+            bail!("only {} writes acknowledged in 60 s", acked_count(&acked));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Node 4 joins through node 1 while the writers go on.
+    let ports = free_ports(2)?;
+    let (grpc, http) = (format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1]));
+    let join_args = |id: u64, dir: &std::path::Path| -> Vec<String> {
+        vec![
+            "start".into(),
+            "--node-id".into(),
+            id.to_string(),
+            "--grpc-addr".into(),
+            grpc.clone(),
+            "--http-addr".into(),
+            http.clone(),
+            "--data-dir".into(),
+            dir.join(format!("node{id}")).display().to_string(),
+            "--join".into(),
+            cluster.nodes[0].process.grpc_addr.clone(),
+        ]
+    };
+    let args = join_args(4, cluster.dir());
+    let process = FloeProcess::spawn("node4", args, cluster.dir(), grpc.clone(), http.clone())?;
+    cluster.nodes.push(ClusterNode { node_id: 4, process });
+    cluster.node_mut(4)?.process.wait_ready(READY_TIMEOUT).await.context("joined node ready")?;
+    let node4 = Client::builder().endpoint(format!("http://{grpc}")).build()?;
+    let replicas = node4.replica_status().await.context("node 4 replica status")?;
+    for r in &replicas.replicas {
+        if !r.voters.contains(&4) {
+            bail!("node 4 is not a voter of group {} after joining: {:?}", r.group, r.voters);
+        }
+    }
+    if replicas.replicas.len() < 2 {
+        bail!("node 4 hosts {} groups, expected the meta group and the shard", replicas.replicas.len());
+    }
+
+    // Remove node 1 (through node 2), then stop its process.
+    let admin = client_for(&endpoints[1..2])?;
+    let groups = admin.remove_node(1).await.context("remove node 1")?;
+    for (group, voters) in &groups {
+        if voters.contains(&1) {
+            bail!("node 1 still votes in group {group}: {voters:?}");
+        }
+    }
+    cluster.node_mut(1)?.process.kill9()?;
+    let before_stop = acked_count(&acked);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut errors = 0;
+    for w in writers {
+        errors += w.await.context("writer task")?;
+    }
+    let acked: BTreeMap<String, (u64, i64)> = acked.lock().map(|a| a.clone()).unwrap_or_default();
+    eprintln!("acked ids {} (before stop {before_stop}), write errors {errors}", acked.len());
+
+    // Every acknowledged write, strongly from the remaining members...
+    let remaining = vec![endpoints[1].clone(), endpoints[2].clone(), format!("http://{grpc}")];
+    let reader = client_for(&remaining)?;
+    for (id, (version, n)) in &acked {
+        let doc: Document<Value> = reader
+            .collection(COLLECTION)
+            .get_with(id, ReadConsistency::Strong)
+            .await?
+            .with_context(|| format!("{id} (acknowledged v{version}) missing"))?;
+        if doc.version < *version || (doc.version == *version && doc.value["n"] != json!(n)) {
+            bail!("{id}: acknowledged v{version} n={n}, read v{} {}", doc.version, doc.value);
+        }
+    }
+    // ...and locally on the joined node (session: it waits for its own apply).
+    let local = Client::builder().endpoint(format!("http://{grpc}")).build()?;
+    local.observe_session_token(&reader.session_token());
+    for (id, (version, _)) in &acked {
+        let doc: Option<Document<Value>> = local.collection(COLLECTION).get(id).await?;
+        match doc {
+            Some(d) if d.version >= *version => {}
+            other => bail!("node 4 serves {id} as {:?}, acknowledged v{version}", other.map(|d| d.version)),
+        }
+    }
+    // The removed id cannot come back.
+    match reader.add_node(1, &cluster.nodes[0].process.grpc_addr, "").await {
+        Err(floe_client::Error::AlreadyExists { message, .. }) if message.contains("removed") => {}
+        other => bail!("re-adding removed node 1 should be refused, got {other:?}"),
+    }
+    Ok(())
+}
