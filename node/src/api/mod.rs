@@ -485,7 +485,7 @@ impl NodeApi {
         if crate::planted::is_planted("ack-before-commit") {
             return Ok(self.ack_before_commit(group, batch, bytes));
         }
-        let (index, resp) = self.host.propose(group, Command::Docs(batch)).await?;
+        let (index, resp) = self.host.propose_docs(group, batch).await?;
         match resp {
             CommandResponse::Docs(Ok(results)) => {
                 let units = write_units(bytes);
@@ -498,6 +498,7 @@ impl NodeApi {
             CommandResponse::WrongGroup(m) => {
                 Err(ApiError::Unavailable { message: format!("shard map changed: {m}"), retry_safe: true })
             }
+            CommandResponse::Retry(m) => Err(ApiError::Unavailable { message: m, retry_safe: true }),
             other => Err(ApiError::Internal { message: format!("unexpected apply result {other:?}") }),
         }
     }

@@ -15,6 +15,7 @@ use super::log_store::LogStore;
 use super::network::{GroupNetworkFactory, SnapshotHeader};
 use super::state_machine::GroupStateMachine;
 use super::types::{Command, CommandResponse, GroupId, NodeId, Raft, TypeConfig};
+use crate::docs::DocBatch;
 use crate::signal::Progress;
 use crate::storage::group_commit::GroupCommit;
 use crate::storage::Engine;
@@ -137,6 +138,8 @@ pub struct GroupHandle {
     reads: mpsc::Sender<ReadWaiter>,
     /// The newest bounded-staleness proof of this replica (see `freshness`).
     pub freshness: Freshness,
+    /// Document writes waiting for the proposal batcher (see `batcher`).
+    proposals: mpsc::Sender<super::batcher::Proposal>,
 }
 
 impl GroupHandle {
@@ -236,7 +239,9 @@ impl RaftHost {
         let raft = Raft::new(self.config.node_id, config, network, log, sm).await.map_err(|e| fatal(e.to_string()))?;
         let (reads, rx) = mpsc::channel(READ_QUEUE_MAX);
         super::runtime::spawn(read_index_loop(raft.clone(), rx));
-        let handle = Arc::new(GroupHandle { group, raft, applied, reads, freshness: Freshness::default() });
+        let (proposals, queued) = mpsc::channel(super::batcher::QUEUE_MAX);
+        super::runtime::spawn(super::batcher::run(Arc::downgrade(self), group, queued));
+        let handle = Arc::new(GroupHandle { group, raft, applied, reads, freshness: Freshness::default(), proposals });
         let mut groups = self.groups.lock().map_err(|_| fatal("registry poisoned".into()))?;
         // Registered under the lock: a concurrent start of the same group loses here and its
         // Raft is dropped before it ever ran a round.
@@ -487,6 +492,20 @@ impl RaftHost {
                 Err(GroupError::Unavailable { group, reason: "no leader elected".into(), retry_safe: true })
             }
         }
+    }
+
+    /// Proposes a document batch through the group's proposal batcher (it may share a log
+    /// entry with concurrent batches). Returns the entry's index and this batch's answer.
+    pub async fn propose_docs(&self, group: GroupId, batch: DocBatch) -> Result<(u64, CommandResponse), GroupError> {
+        let h = self.group(group).ok_or(GroupError::UnknownGroup(group))?;
+        let (tx, rx) = oneshot::channel();
+        h.proposals.try_send((batch, tx)).map_err(|_| GroupError::Unavailable {
+            group,
+            reason: "too many writes queued".into(),
+            retry_safe: true,
+        })?;
+        // A dropped reply means the batcher stopped with the proposal possibly sent.
+        rx.await.map_err(|_| GroupError::Unavailable { group, reason: "group stopped".into(), retry_safe: false })?
     }
 
     /// Changes the voters of `group` on its leader (forwarded when another node leads).

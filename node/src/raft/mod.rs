@@ -1,4 +1,5 @@
 //! Raft groups on openraft 0.9: types, runtime, log and state-machine storage, network, host.
+pub mod batcher;
 pub mod freshness;
 pub mod host;
 pub mod log_store;

@@ -18,7 +18,7 @@ use super::types::{
     Command, CommandResponse, Entry, GroupId, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
 use crate::catalog;
-use crate::docs::{self, StoredDoc};
+use crate::docs::{self, DocBatch, StoredDoc};
 use crate::keys;
 use crate::signal::Progress;
 use crate::storage::engine::in_range;
@@ -121,51 +121,14 @@ impl GroupStateMachine {
     ) -> Result<CommandResponse, StorageError> {
         let engine = &self.engine;
         match cmd {
-            Command::Docs(doc_batch) => {
-                if self.group == keys::META_GROUP {
-                    return Ok(CommandResponse::WrongGroup("document writes go to a shard group".into()));
+            Command::Docs(doc_batch) => self.apply_docs(index, doc_batch, batch, &mut EntryWrites::default()),
+            Command::DocsMany(doc_batches) => {
+                let mut written = EntryWrites::default();
+                let mut responses = Vec::with_capacity(doc_batches.len());
+                for doc_batch in doc_batches {
+                    responses.push(self.apply_docs(index, doc_batch, batch, &mut written)?);
                 }
-                for op in &doc_batch.ops {
-                    let key = keys::doc_key(&doc_batch.tenant, &op.collection, &op.id);
-                    if !in_range(&key, &self.range.0, &self.range.1) {
-                        return Ok(CommandResponse::WrongGroup(format!(
-                            "{}/{} is outside shard {}",
-                            op.collection, op.id, self.group
-                        )));
-                    }
-                }
-                let read = |k: &[u8]| -> Result<Option<StoredDoc>, EngineError> {
-                    match engine.get(Cf::Data, k)? {
-                        None => Ok(None),
-                        Some(v) => StoredDoc::decode(&v)
-                            .map(Some)
-                            .ok_or_else(|| EngineError::Corrupt(format!("document at {}", keys::to_hex(k)))),
-                    }
-                };
-                if let Some(id) = &doc_batch.request_id {
-                    if let Some(stored) = engine.get(Cf::Data, &keys::dedup_key(id)).map_err(sm_read_err)? {
-                        // A retried proposal of a request that was applied already.
-                        return serde_json::from_slice(&stored).map_err(sm_read_err);
-                    }
-                }
-                let outcome = docs::apply_batch(read, index, doc_batch).map_err(sm_read_err)?;
-                let resp = match outcome {
-                    Ok((changes, results)) => {
-                        for (k, v) in changes {
-                            match v {
-                                Some(doc) => batch.put(Cf::Data, k, doc.encode()),
-                                None => batch.delete(Cf::Data, k),
-                            }
-                        }
-                        CommandResponse::Docs(Ok(results))
-                    }
-                    Err(e) => CommandResponse::Docs(Err(e)),
-                };
-                if let Some(id) = &doc_batch.request_id {
-                    batch.put(Cf::Data, keys::dedup_key(id), serde_json::to_vec(&resp).map_err(sm_write_err)?);
-                    batch.put(Cf::Data, keys::dedup_index_key(index), id.as_bytes().to_vec());
-                }
-                Ok(resp)
+                Ok(CommandResponse::Many(responses))
             }
             Command::DropCollectionData { tenant, collection } => {
                 if self.group == keys::META_GROUP {
@@ -202,6 +165,76 @@ impl GroupStateMachine {
         }
     }
 
+    /// Applies one atomic document batch of the entry at `index`. `written` holds what
+    /// earlier batches of the same entry wrote (documents and request ids): reads do not see
+    /// the entry's pending write batch, so a batch touching one of those documents is refused
+    /// with `Retry` (the proposal batcher never builds such an entry; this keeps apply
+    /// deterministic and versions strictly increasing even if one did).
+    fn apply_docs(
+        &self,
+        index: u64,
+        doc_batch: &DocBatch,
+        batch: &mut WriteBatch,
+        written: &mut EntryWrites,
+    ) -> Result<CommandResponse, StorageError> {
+        let engine = &self.engine;
+        if self.group == keys::META_GROUP {
+            return Ok(CommandResponse::WrongGroup("document writes go to a shard group".into()));
+        }
+        let keys: Vec<Vec<u8>> =
+            doc_batch.ops.iter().map(|op| keys::doc_key(&doc_batch.tenant, &op.collection, &op.id)).collect();
+        for (op, key) in doc_batch.ops.iter().zip(&keys) {
+            if !in_range(key, &self.range.0, &self.range.1) {
+                return Ok(CommandResponse::WrongGroup(format!(
+                    "{}/{} is outside shard {}",
+                    op.collection, op.id, self.group
+                )));
+            }
+        }
+        if let Some(id) = &doc_batch.request_id {
+            if let Some(earlier) = written.answers.get(id) {
+                return Ok(earlier.clone());
+            }
+            if let Some(stored) = engine.get(Cf::Data, &keys::dedup_key(id)).map_err(sm_read_err)? {
+                // A retried proposal of a request that was applied already.
+                return serde_json::from_slice(&stored).map_err(sm_read_err);
+            }
+        }
+        if keys.iter().any(|k| written.docs.contains(k)) {
+            return Ok(CommandResponse::Retry("a document of this batch was written earlier in the same entry".into()));
+        }
+        let read = |k: &[u8]| -> Result<Option<StoredDoc>, EngineError> {
+            match engine.get(Cf::Data, k)? {
+                None => Ok(None),
+                Some(v) => StoredDoc::decode(&v)
+                    .map(Some)
+                    .ok_or_else(|| EngineError::Corrupt(format!("document at {}", keys::to_hex(k)))),
+            }
+        };
+        let outcome = docs::apply_batch(read, index, doc_batch).map_err(sm_read_err)?;
+        let resp = match outcome {
+            Ok((changes, results)) => {
+                for (k, v) in changes {
+                    match v {
+                        Some(doc) => batch.put(Cf::Data, k, doc.encode()),
+                        None => batch.delete(Cf::Data, k),
+                    }
+                }
+                written.docs.extend(keys);
+                CommandResponse::Docs(Ok(results))
+            }
+            Err(e) => CommandResponse::Docs(Err(e)),
+        };
+        if let Some(id) = &doc_batch.request_id {
+            batch.put(Cf::Data, keys::dedup_key(id), serde_json::to_vec(&resp).map_err(sm_write_err)?);
+            written.answers.insert(id.to_string(), resp.clone());
+            written.request_ids.push(id.to_string());
+            // One record per entry listing its request ids (newline separated), for eviction.
+            batch.put(Cf::Data, keys::dedup_index_key(index), written.request_ids.join("\n").into_bytes());
+        }
+        Ok(resp)
+    }
+
     /// Forgets the request applied `DEDUP_WINDOW` entries ago (runs for every entry, so every
     /// record is evicted exactly once, deterministically on every replica).
     fn evict_dedup(&self, index: u64, batch: &mut WriteBatch) -> Result<(), StorageError> {
@@ -209,9 +242,10 @@ impl GroupStateMachine {
             return Ok(());
         }
         let old = keys::dedup_index_key(index - DEDUP_WINDOW);
-        if let Some(id) = self.engine.get(Cf::Data, &old).map_err(sm_read_err)? {
-            let id = String::from_utf8_lossy(&id).into_owned();
-            batch.delete(Cf::Data, keys::dedup_key(&id));
+        if let Some(ids) = self.engine.get(Cf::Data, &old).map_err(sm_read_err)? {
+            for id in String::from_utf8_lossy(&ids).split('\n') {
+                batch.delete(Cf::Data, keys::dedup_key(id));
+            }
             batch.delete(Cf::Data, old);
         }
         Ok(())
@@ -226,6 +260,14 @@ impl GroupStateMachine {
         let meta = SnapshotMeta { last_log_id: self.applied, last_membership: self.membership.clone(), snapshot_id };
         Ok((meta, encode_pairs(&pairs)))
     }
+}
+
+/// What earlier batches of the log entry being applied wrote.
+#[derive(Default)]
+struct EntryWrites {
+    docs: std::collections::BTreeSet<Vec<u8>>,
+    answers: std::collections::BTreeMap<String, CommandResponse>,
+    request_ids: Vec<String>,
 }
 
 /// Builds a snapshot from data captured when the builder was made.
@@ -420,6 +462,55 @@ mod tests {
         sm.apply(vec![entry(4, append("d", "r2"))]).await.unwrap();
         let stored = StoredDoc::decode(&engine.get(Cf::Data, &keys::doc_key("t", "c", "d")).unwrap().unwrap()).unwrap();
         assert_eq!(stored.json, r#"{"l":[1,1]}"#, "a new request applies");
+    }
+
+    fn docs_of(cmd: Command) -> DocBatch {
+        match cmd {
+            Command::Docs(b) => b,
+            other => panic!("not a document batch: {other:?}"),
+        }
+    }
+
+    /// A batched entry applies each batch on its own: disjoint batches share the entry's
+    /// version, a batch overlapping an earlier one of the entry is refused (retry), a request
+    /// repeated in the entry gets the first answer, and dedup records of every batch are
+    /// evicted together.
+    #[tokio::test]
+    async fn batched_entry_applies_each_batch_on_its_own() {
+        let engine: Engine = std::sync::Arc::new(MemEngine::new());
+        let range = keys::initial_group_range(keys::FIRST_SHARD);
+        let mut sm = GroupStateMachine::open(keys::FIRST_SHARD, engine.clone(), range).unwrap();
+        let put = |id: &str, rid: &str| {
+            docs_of(Command::Docs(DocBatch {
+                tenant: "t".into(),
+                ops: vec![DocOp {
+                    collection: "c".into(),
+                    id: id.into(),
+                    action: DocAction::Put { json: r#"{"l":[]}"#.into(), expected: None },
+                }],
+                limits: Limits::default(),
+                request_id: Some(rid.into()),
+            }))
+        };
+        let many = Command::DocsMany(vec![put("a", "r1"), put("b", "r2"), put("a", "r3"), put("c", "r1")]);
+        let out = sm.apply(vec![entry(7, many)]).await.unwrap();
+        let CommandResponse::Many(answers) = &out[0] else { panic!("unexpected {out:?}") };
+        assert!(matches!(&answers[0], CommandResponse::Docs(Ok(r)) if r[0].version == 7));
+        assert!(matches!(&answers[1], CommandResponse::Docs(Ok(r)) if r[0].version == 7 && r[0].id == "b"));
+        assert!(matches!(&answers[2], CommandResponse::Retry(_)), "{:?}", answers[2]);
+        assert_eq!(answers[3], answers[0], "a repeated request id gets the first answer");
+        assert!(engine.get(Cf::Data, &keys::doc_key("t", "c", "c")).unwrap().is_none());
+        let ids = engine.get(Cf::Data, &keys::dedup_index_key(7)).unwrap().unwrap();
+        // The refused batch left no answer behind: proposing it again applies it.
+        assert_eq!(String::from_utf8(ids).unwrap(), "r1\nr2");
+        assert!(engine.get(Cf::Data, &keys::dedup_key("r3")).unwrap().is_none());
+        // Eviction DEDUP_WINDOW entries later forgets both.
+        let mut batch = WriteBatch::new();
+        sm.evict_dedup(7 + DEDUP_WINDOW, &mut batch).unwrap();
+        engine.write(batch, false).unwrap();
+        for rid in ["r1", "r2"] {
+            assert!(engine.get(Cf::Data, &keys::dedup_key(rid)).unwrap().is_none(), "{rid} evicted");
+        }
     }
 
     #[test]

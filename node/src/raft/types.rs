@@ -19,6 +19,10 @@ pub type GroupId = u64;
 pub enum Command {
     /// Atomic document writes (shard groups).
     Docs(DocBatch),
+    /// Independent atomic document batches proposed as one log entry (the proposal batcher's
+    /// unit: one fsync and one replication round for many requests). The batches touch
+    /// disjoint documents; each is applied, deduplicated and answered on its own.
+    DocsMany(Vec<DocBatch>),
     /// Deletes every document of one collection (shard groups), after the meta group dropped it.
     DropCollectionData { tenant: String, collection: String },
     /// Catalog changes (meta group only).
@@ -31,6 +35,7 @@ impl Command {
     pub fn is_idempotent(&self) -> bool {
         match self {
             Command::Docs(b) => b.request_id.is_some(),
+            Command::DocsMany(batches) => batches.iter().all(|b| b.request_id.is_some()),
             Command::DropCollectionData { .. } | Command::Catalog(_) => true,
         }
     }
@@ -46,6 +51,11 @@ pub enum CommandResponse {
     Catalog(CatalogResponse),
     /// The command was sent to a group that does not own it (refused deterministically).
     WrongGroup(String),
+    /// One answer per batch of a `DocsMany`, in order.
+    Many(Vec<CommandResponse>),
+    /// Refused deterministically, certainly not applied; safe to propose again (a batch of a
+    /// `DocsMany` that touched a document an earlier batch of the entry wrote).
+    Retry(String),
 }
 
 openraft::declare_raft_types!(
