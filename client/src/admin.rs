@@ -66,10 +66,18 @@ impl Client {
     /// voters. Can take long when the node must receive a snapshot: give the client a long
     /// request timeout.
     /// `cluster_id` is the node's own `--cluster-id` (the cluster refuses a node of another
-    /// cluster; empty skips the check).
-    pub async fn add_node(&self, node_id: u64, grpc_addr: &str, cluster_id: &str) -> Result<Vec<(u64, Vec<u64>)>> {
+    /// cluster; empty skips the check); `fresh` says the node has no raft state at all (then
+    /// an id that already votes is refused: a wiped disk must not vote with an empty log).
+    /// `floe start --join` is the usual caller.
+    pub async fn add_node(
+        &self,
+        node_id: u64,
+        grpc_addr: &str,
+        cluster_id: &str,
+        fresh: bool,
+    ) -> Result<Vec<(u64, Vec<u64>)>> {
         let request =
-            pb::AddNodeRequest { node_id, grpc_addr: grpc_addr.to_owned(), cluster_id: cluster_id.to_owned() };
+            pb::AddNodeRequest { node_id, grpc_addr: grpc_addr.to_owned(), cluster_id: cluster_id.to_owned(), fresh };
         let response = self
             .call(OperationKind::Write, "add_node", |channel| {
                 let request = self.request(request.clone());

@@ -77,8 +77,9 @@ pub struct StartArgs {
     /// All initial members as `id=host:port,...` (gRPC addresses), the same on every node.
     #[arg(long, env = "FLOE_INITIAL_CLUSTER", required_unless_present = "join", conflicts_with = "join")]
     pub initial_cluster: Option<String>,
-    /// Join a running cluster through this member's gRPC address instead (host:port): the
-    /// node is added as a learner, catches up, and becomes a voter. Keep the flag on restarts.
+    /// Join a running cluster through its members' gRPC addresses instead (host:port, comma
+    /// separated; any one that answers will do): the node is added as a learner, catches up,
+    /// and becomes a voter. Keep the flag on restarts (it re-confirms the membership).
     #[arg(long, env = "FLOE_JOIN")]
     pub join: Option<String>,
     /// Cluster name; nodes refuse raft messages from another cluster.

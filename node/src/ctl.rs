@@ -1,4 +1,5 @@
-//! `floe ctl`: operate a running cluster (status, node add/remove), like `etcdctl`.
+//! `floe ctl`: operate a running cluster (status, node remove), like `etcdctl`. Nodes join
+//! with `floe start --join`, which knows whether the node's disk is empty (see `add_node`).
 //!
 //! Owns: the `ctl` arguments, the calls through `floe-client`, and the rendering of the
 //! status tables (a pure function of what the nodes answered, unit tested). Binary-facing
@@ -24,22 +25,13 @@ pub struct CtlArgs {
 pub enum CtlCommand {
     /// Nodes, groups with their leaders and voters, and every replica's applied position and lag.
     Status,
-    /// Add or remove cluster members.
+    /// Remove cluster members (nodes join with `floe start --join`).
     #[command(subcommand)]
     Node(NodeCommand),
 }
 
 #[derive(Subcommand, Debug)]
 pub enum NodeCommand {
-    /// Add a running, empty node to every group (what `floe start --join` does).
-    Add {
-        id: u64,
-        /// The node's gRPC address (host:port).
-        grpc_addr: String,
-        /// The node's --cluster-id, checked against the cluster's (default: not checked).
-        #[arg(long, default_value = "")]
-        cluster_id: String,
-    },
     /// Remove a node from every group (joint consensus) and from the cluster; stop its process
     /// afterwards. Its id is never accepted again.
     Remove { id: u64 },
@@ -53,11 +45,6 @@ pub async fn run(args: CtlArgs) -> Result<()> {
         CtlCommand::Status => {
             let out = status(&args.endpoints).await?;
             print!("{out}");
-        }
-        CtlCommand::Node(NodeCommand::Add { id, grpc_addr, cluster_id }) => {
-            let groups = membership_client(&args.endpoints)?.add_node(id, &grpc_addr, &cluster_id).await?;
-            println!("node {id} added");
-            print_groups(&groups);
         }
         CtlCommand::Node(NodeCommand::Remove { id }) => {
             let groups = membership_client(&args.endpoints)?.remove_node(id).await?;

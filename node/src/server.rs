@@ -41,7 +41,8 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Every initial member: node id → gRPC address (empty when joining).
     pub initial_cluster: BTreeMap<NodeId, String>,
-    /// Join a running cluster through this member (gRPC host:port) instead of bootstrapping.
+    /// Join a running cluster through these members (gRPC host:port, comma separated)
+    /// instead of bootstrapping.
     pub join: Option<String>,
     pub cluster_id: String,
     pub limits: Limits,
@@ -228,23 +229,24 @@ async fn serve_http(listener: tokio::net::TcpListener, api: Arc<NodeApi>, stop: 
     }
 }
 
-/// Joins a running cluster through `member` unless this node already belongs to it (its
-/// meta replica is initialized: a restart). Retries while the cluster is unavailable; a
-/// refusal (id taken or removed, bad address) fails the start.
+/// Joins a running cluster through `member` (on every start with `--join`: a member that
+/// restarts re-confirms, one interrupted halfway finishes). Retries while the cluster is
+/// unavailable; a refusal (id taken, removed or wiped, bad address, other cluster) fails the
+/// start.
 pub async fn join(config: &NodeConfig, member: &str, host: &Arc<RaftHost>) -> Result<(), StartError> {
+    // Always asked (the change is idempotent): a node restarted halfway through its join
+    // finishes it. A node without raft state says so (`fresh`).
     let meta = host.group(keys::META_GROUP).ok_or_else(|| StartError::Raft("meta group not started".into()))?;
-    if meta.raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))? {
-        tracing::info!(node = config.node_id, "already a member; not joining again");
-        return Ok(());
-    }
+    let fresh = !meta.raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))?;
+    let members: Vec<String> = member.split(',').map(str::trim).filter(|m| !m.is_empty()).map(String::from).collect();
     let client = floe_client::Client::builder()
-        .endpoint(member.to_string())
+        .endpoints(members)
         .request_timeout(crate::raft::host::MEMBERSHIP_TIMEOUT + Duration::from_secs(10))
         .build()
         .map_err(|e| StartError::Config(format!("--join {member}: {e}")))?;
     let deadline = tokio::time::Instant::now() + JOIN_TIMEOUT;
     loop {
-        match client.add_node(config.node_id, &config.grpc_addr, &config.cluster_id).await {
+        match client.add_node(config.node_id, &config.grpc_addr, &config.cluster_id, fresh).await {
             Ok(groups) => {
                 tracing::info!(node = config.node_id, ?groups, "joined the cluster");
                 return Ok(());

@@ -101,6 +101,25 @@ async fn http_gateway_flow() {
     assert_eq!(version_read, version_1);
     assert_eq!(value, body);
 
+    // Every consistency level by name; the session token comes back in Floe-Session.
+    let response = http.get(&alice).send().await.expect("send");
+    let token = response.headers().get("floe-session").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let token = token.expect("a read returns a Floe-Session token");
+    for query in ["?consistency=bounded&max_staleness_ms=500", "?consistency=eventual", "?consistency=strong"] {
+        let (version, _) = http_get(&http, &format!("{alice}{query}")).await;
+        assert_eq!(version, version_1, "{query}");
+    }
+    let response =
+        http.get(format!("{alice}?consistency=session")).header("Floe-Session", &token).send().await.expect("send");
+    assert_eq!(response.status(), StatusCode::OK, "session read with the returned token");
+    expect_error(
+        http.get(format!("{alice}?consistency=bounded")).send().await.expect("send"),
+        StatusCode::BAD_REQUEST,
+        "invalid_argument",
+        "bounded without max_staleness_ms",
+    )
+    .await;
+
     // If-None-Match: * creates only.
     expect_error(
         http.put(&alice).header("If-None-Match", "*").json(&json!({"name": "Impostor"})).send().await.expect("send"),

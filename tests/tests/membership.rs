@@ -2,8 +2,9 @@
 //! writes while a fourth node joins with `--join` (after the log was compacted, so it catches
 //! up by snapshot), then node 1 is removed with the client's `remove_node` (what
 //! `floe ctl node remove` calls) and its process stopped. Every acknowledged write is read
-//! back strongly from the remaining nodes, the joined node serves them locally, and the
-//! removed id is refused when it tries to come back.
+//! back strongly from the remaining nodes, the joined node serves them locally (also after a
+//! restart, which re-confirms the join), a wiped node 4 is refused when it rejoins under its
+//! old id, and the removed id is refused when it tries to come back.
 //!
 //! Needs the `floe` binary (see `floe_tests::floe_bin`). Bounded by `TEST_TIMEOUT`.
 
@@ -83,7 +84,7 @@ async fn run() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // Node 4 joins through node 1 while the writers go on.
+    // Node 4 joins (through any of nodes 1-3) while the writers go on.
     let ports = free_ports(2)?;
     let (grpc, http) = (format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1]));
     let join_args = |id: u64, dir: &std::path::Path| -> Vec<String> {
@@ -98,7 +99,7 @@ async fn run() -> anyhow::Result<()> {
             "--data-dir".into(),
             dir.join(format!("node{id}")).display().to_string(),
             "--join".into(),
-            cluster.nodes[0].process.grpc_addr.clone(),
+            cluster.nodes.iter().map(|n| n.process.grpc_addr.clone()).collect::<Vec<_>>().join(","),
         ]
     };
     let args = join_args(4, cluster.dir());
@@ -115,6 +116,10 @@ async fn run() -> anyhow::Result<()> {
     if replicas.replicas.len() < 2 {
         bail!("node 4 hosts {} groups, expected the meta group and the shard", replicas.replicas.len());
     }
+
+    // A restarted member re-confirms its join (idempotent) and serves again.
+    cluster.node_mut(4)?.process.restart()?;
+    cluster.node_mut(4)?.process.wait_ready(READY_TIMEOUT).await.context("node 4 after restart")?;
 
     // Remove node 1 (through node 2), then stop its process.
     let admin = client_for(&endpoints[1..2])?;
@@ -158,8 +163,25 @@ async fn run() -> anyhow::Result<()> {
             other => bail!("node 4 serves {id} as {:?}, acknowledged v{version}", other.map(|d| d.version)),
         }
     }
+    // A wiped machine cannot rejoin under its old id: it would vote with an empty log.
+    cluster.node_mut(4)?.process.kill9()?;
+    std::fs::remove_dir_all(cluster.dir().join("node4")).context("wipe node 4")?;
+    cluster.node_mut(4)?.process.restart()?;
+    let refused = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if !cluster.node_mut(4).map(|n| n.process.is_running()).unwrap_or(false) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    let log = cluster.node_mut(4)?.process.log_tail(4096);
+    if refused.is_err() || !log.contains("no data") {
+        bail!("a wiped node 4 should be refused at join and exit\n{log}");
+    }
     // The removed id cannot come back.
-    match reader.add_node(1, &cluster.nodes[0].process.grpc_addr, "").await {
+    match reader.add_node(1, &cluster.nodes[0].process.grpc_addr, "", false).await {
         Err(floe_client::Error::AlreadyExists { message, .. }) if message.contains("removed") => {}
         other => bail!("re-adding removed node 1 should be refused, got {other:?}"),
     }

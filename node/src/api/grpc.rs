@@ -46,6 +46,10 @@ pub fn consistency(read: Option<&pb::ReadOptions>) -> Result<ReadConsistency, Ap
     match pb::Consistency::try_from(r.consistency) {
         Ok(pb::Consistency::Unspecified) | Ok(pb::Consistency::Strong) => Ok(ReadConsistency::Strong),
         Ok(pb::Consistency::Eventual) => Ok(ReadConsistency::Eventual),
+        Ok(pb::Consistency::BoundedStaleness) if r.max_staleness_ms == 0 => Err(ApiError::invalid(
+            "invalid_argument",
+            "BOUNDED_STALENESS needs max_staleness_ms > 0 (use STRONG for no staleness)",
+        )),
         Ok(pb::Consistency::BoundedStaleness) => {
             Ok(ReadConsistency::BoundedStaleness { max_staleness_ms: r.max_staleness_ms })
         }
@@ -292,7 +296,7 @@ impl Admin for GrpcApi {
         let r = req.into_inner();
         let out = self
             .api
-            .add_node(r.node_id, &r.grpc_addr, &r.cluster_id)
+            .add_node(r.node_id, &r.grpc_addr, &r.cluster_id, r.fresh)
             .await
             .map(|groups| pb::AddNodeResponse { groups: group_members(groups) });
         self.finish("add_node", started, out)

@@ -392,8 +392,9 @@ fn parse_consistency(
         "strong" => Ok(ReadConsistency::Strong),
         "eventual" => Ok(ReadConsistency::Eventual),
         "bounded" => max_staleness_ms
+            .filter(|ms| *ms > 0)
             .map(|max_staleness_ms| ReadConsistency::BoundedStaleness { max_staleness_ms })
-            .ok_or_else(|| HttpError::invalid(INVALID_ARGUMENT, "consistency=bounded needs max_staleness_ms")),
+            .ok_or_else(|| HttpError::invalid(INVALID_ARGUMENT, "consistency=bounded needs max_staleness_ms > 0")),
         "session" => session
             .map(str::trim)
             .filter(|t| !t.is_empty())
@@ -857,6 +858,7 @@ mod tests {
             Ok(ReadConsistency::Session { token: "1:5".into() })
         );
         assert_eq!(code_of(parse_consistency(Some("bounded"), None, None)), INVALID_ARGUMENT);
+        assert_eq!(code_of(parse_consistency(Some("bounded"), Some(0), None)), INVALID_ARGUMENT);
         assert_eq!(code_of(parse_consistency(Some("session"), None, Some(" "))), INVALID_ARGUMENT);
         assert_eq!(code_of(parse_consistency(Some("strong"), Some(5), None)), INVALID_ARGUMENT);
         assert_eq!(code_of(parse_consistency(Some("linearizable"), None, None)), INVALID_ARGUMENT);

@@ -4,7 +4,7 @@
 //! meta group first (so it learns the shard map), then every shard group; each group adds it
 //! as a learner, waits for it to catch up (snapshot streaming when the log was purged) and
 //! promotes it (raft joint consensus). The catalog's shard replica lists follow each group's
-//! voters. Removal runs the same steps in reverse order and tombstones the node id.
+//! voters. Removal runs the shard groups first, tombstones the id, and the meta group last.
 //!
 //! Invariants:
 //! - every step is idempotent, so a retried or interrupted change converges when re-run;
@@ -13,10 +13,10 @@
 //! - a change never leaves a group without a voter.
 
 use super::{ApiError, NodeApi};
-use crate::catalog::{CatalogCommand, NodeInfo};
+use crate::catalog::{CatalogCommand, CatalogResponse, NodeInfo};
 use crate::keys;
 use crate::raft::host::MemberChange;
-use crate::raft::types::{Command, GroupId, NodeId};
+use crate::raft::types::{Command, CommandResponse, GroupId, NodeId};
 
 impl NodeApi {
     /// Groups a membership change walks through: the meta group first, then every shard.
@@ -28,12 +28,15 @@ impl NodeApi {
 
     /// Adds node `id` at `grpc_addr` to every group as a voter. Returns each group's voters.
     /// `cluster_id` is the joining node's (empty: not checked); a node of another cluster
-    /// would refuse every raft message, so it is refused here first.
+    /// would refuse every raft message, so it is refused here first. `fresh`: the joining
+    /// node has no raft state (a fresh node whose id already votes is refused by the group
+    /// leaders: a wiped disk must not vote with an empty log).
     pub async fn add_node(
         &self,
         id: NodeId,
         grpc_addr: &str,
         cluster_id: &str,
+        fresh: bool,
     ) -> Result<Vec<(GroupId, Vec<NodeId>)>, ApiError> {
         if id == 0 {
             return Err(ApiError::invalid("invalid_argument", "node ids start at 1"));
@@ -70,11 +73,20 @@ impl NodeApi {
         // Announce the address first: peers resolve it through the catalog too.
         let info = NodeInfo { id, grpc_addr: grpc_addr.to_string(), http_addr: String::new() };
         if self.catalog().nodes()?.iter().all(|n| n.id != id) {
-            self.host().propose(keys::META_GROUP, Command::Catalog(CatalogCommand::RegisterNode(info))).await?;
+            let cmd = Command::Catalog(CatalogCommand::RegisterNode(info));
+            // Applied in log order: a removal that committed since the check above wins.
+            if let (_, CommandResponse::Catalog(CatalogResponse::NodeRemoved)) =
+                self.host().propose(keys::META_GROUP, cmd).await?
+            {
+                return Err(ApiError::AlreadyExists {
+                    message: format!("node id {id} was removed from this cluster; join with a new id"),
+                    current_version: 0,
+                });
+            }
         }
         let mut out = Vec::new();
         for group in self.member_groups()? {
-            let change = MemberChange::AddVoter { id, addr: grpc_addr.to_string() };
+            let change = MemberChange::AddVoter { id, addr: grpc_addr.to_string(), fresh };
             let voters = self.host().change_members(group, change).await?;
             self.record_replicas(group, &voters).await?;
             tracing::info!(node = id, group, ?voters, "node added to group");
@@ -83,27 +95,31 @@ impl NodeApi {
         Ok(out)
     }
 
-    /// Removes node `id` from every group, shards first and the meta group last, then
-    /// forgets it in the catalog. Returns each group's voters.
+    /// Removes node `id` from every shard group, tombstones its id in the catalog, then
+    /// removes it from the meta group (last: the node may be the meta leader that runs this,
+    /// and steps down once its removal commits). Re-running after a partial removal finishes
+    /// it. Returns each group's voters.
     pub async fn remove_node(&self, id: NodeId) -> Result<Vec<(GroupId, Vec<NodeId>)>, ApiError> {
         self.host().linearizable_position(keys::META_GROUP).await?;
         let known = self.catalog().nodes()?.iter().any(|n| n.id == id);
-        if !known && self.catalog().is_removed(id)? {
-            return Ok(Vec::new());
-        }
-        if !known {
+        let removed = self.catalog().is_removed(id)?;
+        if !known && !removed {
             return Err(ApiError::NotFound { code: "node_not_found", message: format!("node {id} is not a member") });
         }
-        let mut groups = self.member_groups()?;
-        groups.reverse();
         let mut out = Vec::new();
-        for group in groups {
+        let shards: Vec<GroupId> = self.member_groups()?.into_iter().filter(|g| *g != keys::META_GROUP).collect();
+        for group in shards {
             let voters = self.host().change_members(group, MemberChange::Remove { id }).await?;
             self.record_replicas(group, &voters).await?;
             tracing::info!(node = id, group, ?voters, "node removed from group");
             out.push((group, voters));
         }
-        self.host().propose(keys::META_GROUP, Command::Catalog(CatalogCommand::RemoveNode { id })).await?;
+        if !removed {
+            self.host().propose(keys::META_GROUP, Command::Catalog(CatalogCommand::RemoveNode { id })).await?;
+        }
+        let voters = self.host().change_members(keys::META_GROUP, MemberChange::Remove { id }).await?;
+        tracing::info!(node = id, group = keys::META_GROUP, ?voters, "node removed from group");
+        out.push((keys::META_GROUP, voters));
         Ok(out)
     }
 

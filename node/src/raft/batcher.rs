@@ -10,7 +10,9 @@
 //! Invariants:
 //! - an entry's batches touch disjoint documents (a batch that overlaps one already taken
 //!   waits for the next entry), so every document write still gets a version of its own;
-//! - at most `IN_FLIGHT_MAX` proposals of a group are in flight from this node;
+//! - at most `IN_FLIGHT_MAX` proposals of a group are in flight from this node, and at most
+//!   `QUEUE_MAX` batches wait (more get a retryable error); a batch whose caller gave up
+//!   before it was proposed is dropped, never proposed;
 //! - a lone batch is proposed as a plain `Command::Docs` (no change at low load);
 //! - every caller gets exactly one answer: its own batch's response, or the proposal's error.
 
@@ -27,6 +29,9 @@ pub const IN_FLIGHT_MAX: usize = 2;
 pub const BATCHES_PER_ENTRY_MAX: usize = 256;
 /// Bound on the approximate bytes of one entry's batches (a lone batch may exceed it).
 pub const BYTES_PER_ENTRY_MAX: usize = 1 << 20;
+/// Bound on overlapping batches passed over while building one entry (keeps a hot-document
+/// backlog from making every entry scan the whole queue).
+pub const SKIPPED_PER_ENTRY_MAX: usize = 64;
 /// Bound on queued batches per group (callers beyond it get a retryable error).
 pub const QUEUE_MAX: usize = 16_384;
 
@@ -52,6 +57,9 @@ pub fn take_entry(pending: &mut VecDeque<Proposal>) -> Vec<Proposal> {
             p.0.ops.iter().map(|o| (p.0.tenant.clone(), o.collection.clone(), o.id.clone())).collect();
         if batch_keys.iter().any(|k| keys.contains(k)) {
             skipped.push_back(p);
+            if skipped.len() >= SKIPPED_PER_ENTRY_MAX {
+                break;
+            }
             continue;
         }
         bytes += size;
@@ -94,12 +102,21 @@ pub async fn run(host: Weak<RaftHost>, group: GroupId, mut rx: mpsc::Receiver<Pr
                 None => return,
             }
         }
-        // Wait for a free slot first: what arrives meanwhile joins this entry.
+        // Wait for a free slot first: what arrives meanwhile joins this entry. Draining stops
+        // at `QUEUE_MAX` pending, so a full channel pushes back on callers.
         let Ok(slot) = slots.clone().acquire_owned().await else { return };
-        while let Ok(p) = rx.try_recv() {
-            pending.push_back(p);
+        while pending.len() < QUEUE_MAX {
+            match rx.try_recv() {
+                Ok(p) => pending.push_back(p),
+                Err(_) => break,
+            }
         }
+        // A caller that gave up (timed out, disconnected) is not proposed for any more.
+        pending.retain(|(_, reply)| !reply.is_closed());
         let entry = take_entry(&mut pending);
+        if entry.is_empty() {
+            continue;
+        }
         let Some(host) = host.upgrade() else { return };
         super::runtime::spawn(async move {
             propose_entry(&host, group, entry).await;
@@ -108,7 +125,7 @@ pub async fn run(host: Weak<RaftHost>, group: GroupId, mut rx: mpsc::Receiver<Pr
     }
 }
 
-async fn propose_entry(host: &RaftHost, group: GroupId, mut entry: Vec<Proposal>) {
+async fn propose_entry(host: &Arc<RaftHost>, group: GroupId, mut entry: Vec<Proposal>) {
     if entry.len() == 1 {
         if let Some((batch, reply)) = entry.pop() {
             let _ = reply.send(host.propose(group, Command::Docs(batch)).await);

@@ -131,8 +131,8 @@ mod tests {
         // Newer instant and index: taken.
         f.record(Proof { index: 12, as_of: at(t, 150) });
         assert_eq!(f.newest(), Some(Proof { index: 12, as_of: at(t, 150) }));
-        // A newer instant with a lower index cannot happen for one group's read index, but if
-        // it did it would weaken the proof: ignored.
+        // A newer instant with a lower index (concurrent proofs answered out of order) would
+        // only weaken the proof: ignored.
         f.record(Proof { index: 11, as_of: at(t, 160) });
         assert_eq!(f.newest(), Some(Proof { index: 12, as_of: at(t, 150) }));
     }

@@ -21,7 +21,7 @@ use crate::storage::group_commit::GroupCommit;
 use crate::storage::Engine;
 use crate::transport::{Envelope, Inbound, RpcKind, Transport, TransportError};
 use futures::future::BoxFuture;
-use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
+use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
@@ -93,8 +93,10 @@ pub enum ForwardRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum MemberChange {
     /// Add as learner, wait until it caught up (snapshot if the log was purged), promote to
-    /// voter. A node that already votes is left as it is.
-    AddVoter { id: NodeId, addr: String },
+    /// voter. A node that already votes (uniform config) is left as it is. `fresh`: the node
+    /// has no raft state at all; a fresh node that is already a voter is refused (a wiped
+    /// disk voting with an empty log can lose committed entries).
+    AddVoter { id: NodeId, addr: String, fresh: bool },
     /// Remove a voter or learner (joint consensus; a leader removing itself steps down once
     /// the change commits). Refused when it would leave the group without voters.
     Remove { id: NodeId },
@@ -292,74 +294,92 @@ impl RaftHost {
         }
     }
 
+    /// Runs a membership change on this node, the group's leader. One deadline bounds every
+    /// step; callers run it as its own task so a dropped RPC cannot cancel it halfway.
     async fn change_members_local(&self, group: GroupId, change: MemberChange) -> ForwardResponse {
         let Some(h) = self.group(group) else { return ForwardResponse::Failed(GroupError::UnknownGroup(group)) };
         let membership = h.raft.metrics().borrow().membership_config.membership().clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let known: BTreeSet<NodeId> = membership.nodes().map(|(id, _)| *id).collect();
+        let uniform = membership.get_joint_config().len() == 1;
         let unchanged = |voters: &BTreeSet<NodeId>| ForwardResponse::MembersChanged {
             index: 0,
             voters: voters.iter().copied().collect(),
         };
+        let refuse = |reason: String| ForwardResponse::Failed(GroupError::Fatal { group, reason });
         let write_error = |e: RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>| match e {
             RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
                 ForwardResponse::NotLeader { leader: leader_of_forward(&f) }
             }
-            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(e))) => {
                 ForwardResponse::Failed(GroupError::Unavailable { group, reason: e.to_string(), retry_safe: true })
+            }
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+                ForwardResponse::Failed(GroupError::Fatal { group, reason: e.to_string() })
             }
             RaftError::Fatal(e) => {
                 ForwardResponse::Failed(GroupError::Unavailable { group, reason: e.to_string(), retry_safe: false })
             }
         };
-        let timeout = MEMBERSHIP_TIMEOUT;
-        let timed_out =
-            || ForwardResponse::Failed(GroupError::Timeout { group, timeout_ms: timeout.as_millis() as u64 });
+        let deadline = tokio::time::Instant::now() + MEMBERSHIP_TIMEOUT;
+        let timed_out = || {
+            ForwardResponse::Failed(GroupError::Timeout { group, timeout_ms: MEMBERSHIP_TIMEOUT.as_millis() as u64 })
+        };
         let result = match change {
-            MemberChange::AddVoter { id, .. } if voters.contains(&id) => return unchanged(&voters),
-            MemberChange::AddVoter { id, addr } => {
-                // Not openraft's blocking add: it calls a learner within
-                // `replication_lag_threshold` (5,000 entries) "up to date", even one that never
-                // answered. Promote only once it holds the entry that added it.
-                let added = match tokio::time::timeout(timeout, h.raft.add_learner(id, BasicNode { addr }, false)).await
-                {
-                    Err(_) => return timed_out(),
-                    Ok(Err(e)) => return write_error(e),
-                    Ok(Ok(resp)) => resp.log_id.index,
-                };
-                let caught_up = h
-                    .raft
-                    .wait(Some(timeout))
-                    .metrics(
-                        |m| match &m.replication {
-                            None => true, // no longer leader: checked below
-                            Some(r) => r.get(&id).and_then(|l| l.map(|l| l.index)).is_some_and(|i| i >= added),
-                        },
-                        "learner caught up",
-                    )
-                    .await;
-                match caught_up {
-                    Err(_) => return timed_out(),
-                    Ok(m) if m.replication.is_none() => return ForwardResponse::NotLeader { leader: None },
-                    Ok(_) => {}
-                }
-                let add = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
-                tokio::time::timeout(timeout, h.raft.change_membership(add, false)).await
+            MemberChange::AddVoter { id, addr, .. } if membership.get_node(&id).is_some_and(|n| n.addr != addr) => {
+                let known = membership.get_node(&id).map(|n| n.addr.clone()).unwrap_or_default();
+                return refuse(format!("node {id} is a member at {known}, not {addr}; a node id names one machine"));
             }
-            MemberChange::Remove { id } if !known.contains(&id) => return unchanged(&voters),
+            MemberChange::AddVoter { id, fresh: true, .. } if voters.contains(&id) => {
+                return refuse(format!(
+                    "node {id} votes in group {group} but has no data (a wiped or replaced machine); \
+                     remove node {id} and join with a new id"
+                ));
+            }
+            MemberChange::AddVoter { id, .. } if uniform && voters.contains(&id) => return unchanged(&voters),
+            MemberChange::AddVoter { id, addr, .. } => {
+                if !voters.contains(&id) {
+                    // Not openraft's blocking add: it calls a learner within
+                    // `replication_lag_threshold` (5,000 entries) "up to date", even one that
+                    // never answered. Promote only once it holds the entry that added it.
+                    let add = h.raft.add_learner(id, BasicNode { addr }, false);
+                    let added = match tokio::time::timeout_at(deadline, add).await {
+                        Err(_) => return timed_out(),
+                        Ok(Err(e)) => return write_error(e),
+                        Ok(Ok(resp)) => resp.log_id.index,
+                    };
+                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    let caught_up = h
+                        .raft
+                        .wait(Some(left))
+                        .metrics(
+                            |m| match &m.replication {
+                                None => true, // no longer leader: checked below
+                                Some(r) => r.get(&id).and_then(|l| l.map(|l| l.index)).is_some_and(|i| i >= added),
+                            },
+                            "learner caught up",
+                        )
+                        .await;
+                    match caught_up {
+                        Err(_) => return timed_out(),
+                        Ok(m) if m.replication.is_none() => return ForwardResponse::NotLeader { leader: None },
+                        Ok(_) => {}
+                    }
+                }
+                // Also finishes a change left joint by an interrupted earlier attempt.
+                let add = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
+                tokio::time::timeout_at(deadline, h.raft.change_membership(add, false)).await
+            }
+            MemberChange::Remove { id } if membership.get_node(&id).is_none() => return unchanged(&voters),
             MemberChange::Remove { id } if voters.len() == 1 && voters.contains(&id) => {
-                return ForwardResponse::Failed(GroupError::Fatal {
-                    group,
-                    reason: format!("node {id} is the group's only voter; add another node first"),
-                })
+                return refuse(format!("node {id} is the group's only voter; add another node first"));
             }
             MemberChange::Remove { id } if voters.contains(&id) => {
                 let remove = ChangeMembers::RemoveVoters(BTreeSet::from([id]));
-                tokio::time::timeout(timeout, h.raft.change_membership(remove, false)).await
+                tokio::time::timeout_at(deadline, h.raft.change_membership(remove, false)).await
             }
             MemberChange::Remove { id } => {
                 let remove = ChangeMembers::RemoveNodes(BTreeSet::from([id]));
-                tokio::time::timeout(timeout, h.raft.change_membership(remove, false)).await
+                tokio::time::timeout_at(deadline, h.raft.change_membership(remove, false)).await
             }
         };
         match result {
@@ -372,6 +392,20 @@ impl RaftHost {
                     .unwrap_or_else(|| voters.iter().copied().collect());
                 ForwardResponse::MembersChanged { index: resp.log_id.index, voters }
             }
+        }
+    }
+
+    /// `change_members_local` as its own task of this node: an RPC or caller that gives up
+    /// does not cancel a change between its joint and its final step.
+    async fn change_members_detached(self: &Arc<Self>, group: GroupId, change: MemberChange) -> ForwardResponse {
+        let host = self.clone();
+        match super::runtime::spawn(async move { host.change_members_local(group, change).await }).await {
+            Ok(resp) => resp,
+            Err(e) => ForwardResponse::Failed(GroupError::Unavailable {
+                group,
+                reason: format!("membership change task ended: {e}"),
+                retry_safe: false,
+            }),
         }
     }
 
@@ -403,7 +437,7 @@ impl RaftHost {
 
     /// Runs `req` on the group leader: here if this node leads, else forwarded. Retries with
     /// the leader hint it learns, bounded by the request timeout.
-    async fn on_leader(&self, group: GroupId, req: ForwardRequest) -> Result<ForwardResponse, GroupError> {
+    async fn on_leader(self: &Arc<Self>, group: GroupId, req: ForwardRequest) -> Result<ForwardResponse, GroupError> {
         let timeout = match req {
             ForwardRequest::ChangeMembers(_) => MEMBERSHIP_TIMEOUT,
             _ => self.config.tuning.request_timeout,
@@ -416,11 +450,13 @@ impl RaftHost {
             attempt += 1;
             let h = self.group(group).ok_or(GroupError::UnknownGroup(group))?;
             let target = hint.take().or_else(|| h.leader());
+            // Whether this attempt reached a raft core that may have appended a proposal.
+            let mut reached = true;
             let resp = match target {
                 Some((id, _)) if id == self.config.node_id => match &req {
                     ForwardRequest::Propose(cmd) => self.propose_local(group, cmd.clone()).await,
                     ForwardRequest::ReadIndex => self.read_index_local(group).await,
-                    ForwardRequest::ChangeMembers(change) => self.change_members_local(group, change.clone()).await,
+                    ForwardRequest::ChangeMembers(change) => self.change_members_detached(group, change.clone()).await,
                 },
                 Some((id, addr)) if !addr.is_empty() => {
                     let env = Envelope {
@@ -436,6 +472,7 @@ impl RaftHost {
                         Ok(bytes) => serde_json::from_slice(&bytes)
                             .map_err(|e| GroupError::Fatal { group, reason: format!("bad forward reply: {e}") })?,
                         Err(TransportError::Unreachable(r)) | Err(TransportError::Refused(r)) => {
+                            reached = false;
                             ForwardResponse::Failed(GroupError::Unavailable { group, reason: r, retry_safe: true })
                         }
                         Err(e) => {
@@ -449,8 +486,23 @@ impl RaftHost {
                         }
                     }
                 }
-                _ => ForwardResponse::NotLeader { leader: None },
+                _ => {
+                    reached = false;
+                    ForwardResponse::NotLeader { leader: None }
+                }
             };
+            // openraft answers ForwardToLeader also for an appended entry that a new leader
+            // truncated — or may still commit: after such an answer a proposal's outcome is
+            // unknown (found by review).
+            let proposal = matches!(req, ForwardRequest::Propose(_));
+            let ambiguous = matches!(
+                resp,
+                ForwardResponse::NotLeader { .. }
+                    | ForwardResponse::Failed(GroupError::Unavailable { retry_safe: false, .. })
+            );
+            if proposal && reached && ambiguous {
+                retry_safe = false;
+            }
             // A write that is not idempotent is retried only while every attempt certainly
             // failed to reach a log; an idempotent one (deduplicated at apply) always may be.
             let idempotent = match &req {
@@ -467,7 +519,12 @@ impl RaftHost {
                 _ => false,
             };
             if !retry {
-                return Ok(resp);
+                return match resp {
+                    ForwardResponse::NotLeader { .. } => {
+                        Err(GroupError::Unavailable { group, reason: "no leader elected".into(), retry_safe })
+                    }
+                    other => Ok(other),
+                };
             }
             let backoff = Duration::from_millis((20u64 << attempt.min(5)).min(500));
             if tokio::time::Instant::now() + backoff >= deadline {
@@ -482,7 +539,7 @@ impl RaftHost {
     }
 
     /// Proposes `cmd` to `group` and returns the applied index and the state machine's answer.
-    pub async fn propose(&self, group: GroupId, cmd: Command) -> Result<(u64, CommandResponse), GroupError> {
+    pub async fn propose(self: &Arc<Self>, group: GroupId, cmd: Command) -> Result<(u64, CommandResponse), GroupError> {
         match self.on_leader(group, ForwardRequest::Propose(cmd)).await? {
             ForwardResponse::Proposed { index, response } => Ok((index, response)),
             ForwardResponse::Failed(e) => Err(e),
@@ -496,21 +553,38 @@ impl RaftHost {
 
     /// Proposes a document batch through the group's proposal batcher (it may share a log
     /// entry with concurrent batches). Returns the entry's index and this batch's answer.
-    pub async fn propose_docs(&self, group: GroupId, batch: DocBatch) -> Result<(u64, CommandResponse), GroupError> {
+    pub async fn propose_docs(
+        self: &Arc<Self>,
+        group: GroupId,
+        batch: DocBatch,
+    ) -> Result<(u64, CommandResponse), GroupError> {
         let h = self.group(group).ok_or(GroupError::UnknownGroup(group))?;
         let (tx, rx) = oneshot::channel();
-        h.proposals.try_send((batch, tx)).map_err(|_| GroupError::Unavailable {
+        h.proposals.try_send((batch, tx)).map_err(|e| GroupError::Unavailable {
             group,
-            reason: "too many writes queued".into(),
+            reason: match e {
+                mpsc::error::TrySendError::Full(_) => "too many writes queued".into(),
+                mpsc::error::TrySendError::Closed(_) => "group stopped".into(),
+            },
             retry_safe: true,
         })?;
-        // A dropped reply means the batcher stopped with the proposal possibly sent.
-        rx.await.map_err(|_| GroupError::Unavailable { group, reason: "group stopped".into(), retry_safe: false })?
+        // Bounded: queueing plus the proposal's own retries. A dropped reply means the batcher
+        // stopped with the proposal possibly sent; a timeout leaves it possibly proposed.
+        let timeout = 2 * self.config.tuning.request_timeout;
+        match tokio::time::timeout(timeout, rx).await {
+            Err(_) => Err(GroupError::Timeout { group, timeout_ms: timeout.as_millis() as u64 }),
+            Ok(Err(_)) => Err(GroupError::Unavailable { group, reason: "group stopped".into(), retry_safe: false }),
+            Ok(Ok(result)) => result,
+        }
     }
 
     /// Changes the voters of `group` on its leader (forwarded when another node leads).
     /// Returns the voters afterwards.
-    pub async fn change_members(&self, group: GroupId, change: MemberChange) -> Result<Vec<NodeId>, GroupError> {
+    pub async fn change_members(
+        self: &Arc<Self>,
+        group: GroupId,
+        change: MemberChange,
+    ) -> Result<Vec<NodeId>, GroupError> {
         match self.on_leader(group, ForwardRequest::ChangeMembers(change)).await? {
             ForwardResponse::MembersChanged { voters, .. } => Ok(voters),
             ForwardResponse::Failed(e) => Err(e),
@@ -521,7 +595,7 @@ impl RaftHost {
     /// A linearizable read position: the leader confirms its leadership (batched read index),
     /// then this replica waits until it applied that position. Returns the position.
     /// Every successful call also records a freshness proof for bounded reads.
-    pub async fn linearizable_position(&self, group: GroupId) -> Result<u64, GroupError> {
+    pub async fn linearizable_position(self: &Arc<Self>, group: GroupId) -> Result<u64, GroupError> {
         // Taken before the request leaves: the leader confirms leadership after receiving
         // it, so the read index covers every write committed before this instant.
         let as_of = tokio::time::Instant::now();
@@ -547,12 +621,17 @@ impl RaftHost {
     /// when its freshness proof allows (no network round), else a new proof (one read-index
     /// round through the leader; fails when the leader cannot be reached). Returns the
     /// position and how it was obtained.
-    pub async fn bounded_position(&self, group: GroupId, bound: Duration) -> Result<(u64, BoundedPath), GroupError> {
+    pub async fn bounded_position(
+        self: &Arc<Self>,
+        group: GroupId,
+        bound: Duration,
+    ) -> Result<(u64, BoundedPath), GroupError> {
         let h = self.group(group).ok_or(GroupError::UnknownGroup(group))?;
         let now = tokio::time::Instant::now();
         match freshness::decide(h.freshness.newest(), h.applied_index(), now, bound) {
             freshness::Decision::Serve => return Ok((h.applied_index(), BoundedPath::Local)),
             freshness::Decision::WaitApplied { index, deadline } => {
+                let deadline = deadline.min(now + self.config.tuning.request_timeout);
                 if tokio::time::timeout_at(deadline, h.applied.wait_at_least(index)).await.is_ok() {
                     return Ok((h.applied_index(), BoundedPath::WaitedApply));
                 }
@@ -684,7 +763,9 @@ impl Inbound for Arc<RaftHost> {
                     let resp = match req {
                         ForwardRequest::Propose(cmd) => host.propose_local(env.group_id, cmd).await,
                         ForwardRequest::ReadIndex => host.read_index_local(env.group_id).await,
-                        ForwardRequest::ChangeMembers(change) => host.change_members_local(env.group_id, change).await,
+                        ForwardRequest::ChangeMembers(change) => {
+                            host.change_members_detached(env.group_id, change).await
+                        }
                     };
                     encode(&resp)
                 }
