@@ -789,3 +789,62 @@ impl Inbound for Arc<RaftHost> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::docs::{DocAction, DocOp, Limits};
+    use crate::storage::mem::MemEngine;
+    use crate::storage::{Cf, WriteBatch};
+    use openraft::{CommittedLeaderId, LogId, Membership, StoredMembership, Vote};
+
+    /// The groundwork a split needs (issue 5): a group whose log starts above an inherited
+    /// position. Its state is seeded as if a snapshot at `base` had been installed (purged
+    /// log, applied, membership and a vote in `base`'s term); the group then elects, and
+    /// every new entry — so every new document version — is above `base`.
+    #[tokio::test]
+    async fn a_group_can_start_above_an_inherited_log_position() {
+        let engine: Engine = Arc::new(MemEngine::new());
+        let writer = GroupCommit::inline(engine.clone());
+        let config = HostConfig { node_id: 1, cluster_id: "t".into(), tuning: RaftTuning::default() };
+        let host =
+            RaftHost::new(config, engine.clone(), writer, Arc::new(crate::transport::grpc::GrpcTransport::new()));
+        let group = 7;
+        let base = LogId::new(CommittedLeaderId::new(5, 1), 1_000);
+        let members = Membership::new(
+            vec![BTreeSet::from([1u64])],
+            BTreeMap::from([(1u64, BasicNode { addr: "127.0.0.1:1".into() })]),
+        );
+        let meta = |field: &str| crate::keys::group_meta_key(group, field);
+        let mut seed = WriteBatch::new();
+        seed.put(Cf::RaftMeta, meta("purged"), serde_json::to_vec(&Some(base)).unwrap());
+        seed.put(Cf::RaftMeta, meta("applied"), serde_json::to_vec(&Some(base)).unwrap());
+        let stored = StoredMembership::new(Some(base), members);
+        seed.put(Cf::RaftMeta, meta("membership"), serde_json::to_vec(&stored).unwrap());
+        seed.put(Cf::RaftMeta, meta("vote"), serde_json::to_vec(&Vote::new(5, 1)).unwrap());
+        engine.write(seed, true).unwrap();
+
+        let range = crate::keys::initial_group_range(crate::keys::FIRST_SHARD);
+        let h = host.start_group(group, range).await.expect("group starts");
+        h.raft.trigger().elect().await.expect("elect");
+        let leader = h.raft.wait(Some(Duration::from_secs(10))).current_leader(1, "leader").await;
+        assert!(leader.is_ok(), "the seeded group elects itself: {leader:?}");
+        let batch = DocBatch {
+            tenant: "t".into(),
+            ops: vec![DocOp {
+                collection: "c".into(),
+                id: "d".into(),
+                action: DocAction::Put { json: "{}".into(), expected: None },
+            }],
+            limits: Limits::default(),
+            request_id: Some("r".into()),
+        };
+        let (index, response) = host.propose(group, Command::Docs(batch)).await.expect("write");
+        assert!(index > 1_000, "new entries go above the inherited position: {index}");
+        match response {
+            CommandResponse::Docs(Ok(results)) => assert!(results[0].version > 1_000, "{results:?}"),
+            other => panic!("unexpected {other:?}"),
+        }
+        host.shutdown().await;
+    }
+}
