@@ -6,7 +6,8 @@
 //! entries in real-time order, linearize an operation just in time at its call entry,
 //! backtrack when a return entry is reached before its operation was linearized, and memoize
 //! every (set of linearized operations, register value) pair already explored, so no
-//! configuration is explored twice.
+//! configuration is explored twice. The set is memoized as a 128-bit Zobrist fingerprint
+//! (see `Configuration`), so memo entries stay small on long histories.
 //!
 //! Model: the register starts absent (`null`); a write sets it; a cas `[expected, new]` that
 //! completed `ok` succeeded, so it requires the register to equal `expected`; an indeterminate
@@ -378,41 +379,55 @@ impl EntryList {
     }
 }
 
-/// The set of linearized operations plus the register value, laid out as one memo key:
-/// bit words first, the register value in the last word.
+/// The set of linearized operations plus the register value, as a memo key: a 128-bit
+/// Zobrist fingerprint of the set (XOR of a fixed pseudo-random word per operation, updated
+/// in O(1) per step) and the value. A full bitset per memo entry costs n/8 bytes, which ran
+/// out of memory on long histories (47k operations per key: 6 KiB per entry) before the
+/// search had placed every operation once. Two different sets share a fingerprint with
+/// probability about 2^-128 per pair; a collision can only prune a branch, so it could turn
+/// a linearizable verdict into a false alarm, never hide a violation.
 struct Configuration {
-    words: Vec<u64>,
+    fingerprint: u128,
+    state: u32,
 }
 
 impl Configuration {
-    fn new(operations: usize, state: u32) -> Self {
-        let mut words = vec![0; operations.div_ceil(64) + 1];
-        if let Some(last) = words.last_mut() {
-            *last = u64::from(state);
-        }
-        Self { words }
+    fn new(state: u32) -> Self {
+        Self { fingerprint: 0, state }
     }
 
-    fn set(&mut self, operation: usize, linearized: bool) {
-        let mask = 1u64 << (operation % 64);
-        if linearized {
-            self.words[operation / 64] |= mask;
-        } else {
-            self.words[operation / 64] &= !mask;
-        }
+    /// Adds or removes `operation` (XOR is its own inverse).
+    fn toggle(&mut self, operation: usize) {
+        self.fingerprint ^= operation_word(operation);
     }
 
     fn set_state(&mut self, state: u32) {
-        if let Some(last) = self.words.last_mut() {
-            *last = u64::from(state);
-        }
+        self.state = state;
     }
 
-    /// Estimated heap bytes one memo entry of this size costs (words, vector header, and
-    /// the hash table's slot and control byte).
-    fn memo_entry_bytes(&self) -> usize {
-        self.words.len() * 8 + 3 * 8 + 8 + 1
+    fn key(&self) -> (u128, u32) {
+        (self.fingerprint, self.state)
     }
+
+    /// Estimated heap bytes one memo entry costs (key and the hash table's slot and
+    /// control byte).
+    fn memo_entry_bytes() -> usize {
+        32 + 1
+    }
+}
+
+/// The fixed pseudo-random 128-bit word of an operation (splitmix64 of its index, twice).
+fn operation_word(operation: usize) -> u128 {
+    fn splitmix64(mut z: u64) -> u64 {
+        z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    let index = operation as u64;
+    let high = splitmix64(index.wrapping_mul(2));
+    let low = splitmix64(index.wrapping_mul(2).wrapping_add(1));
+    (u128::from(high) << 64) | u128::from(low)
 }
 
 /// A linearized operation on the search stack.
@@ -432,9 +447,9 @@ fn search(operations: &[&Operation], config: &CheckConfig) -> (KeyOutcome, u64) 
     let absent = values.intern(&Value::Null);
     let model: Vec<ModelOp> = operations.iter().map(|operation| ModelOp::compile(operation, &mut values)).collect();
     let mut list = EntryList::new(operations);
-    let mut configuration = Configuration::new(operations.len(), absent);
-    let mut memo: HashSet<Vec<u64>, FixedHasher> = HashSet::default();
-    let memo_entry_bytes = configuration.memo_entry_bytes();
+    let mut configuration = Configuration::new(absent);
+    let mut memo: HashSet<(u128, u32), FixedHasher> = HashSet::default();
+    let memo_entry_bytes = Configuration::memo_entry_bytes();
     let mut memo_bytes = 0usize;
     let mut stack: Vec<Frame> = Vec::new();
     let mut state = absent;
@@ -454,15 +469,15 @@ fn search(operations: &[&Operation], config: &CheckConfig) -> (KeyOutcome, u64) 
         if cursor != NIL && list.nodes[cursor].is_call {
             let operation = list.nodes[cursor].operation;
             if let Some(state_after) = model[operation].apply(state) {
-                configuration.set(operation, true);
+                configuration.toggle(operation);
                 configuration.set_state(state_after);
-                let unexplored = !memo.contains(configuration.words.as_slice());
+                let unexplored = !memo.contains(&configuration.key());
                 if unexplored {
                     if memo_bytes.saturating_add(memo_entry_bytes) > config.cache_bytes_max_per_key {
                         let reason = UnknownReason::CacheBudget { bytes_max: config.cache_bytes_max_per_key };
                         return (KeyOutcome::Unknown(reason), steps);
                     }
-                    memo.insert(configuration.words.clone());
+                    memo.insert(configuration.key());
                     memo_bytes += memo_entry_bytes;
                     stack.push(Frame { call: cursor, state_before: state });
                     state = state_after;
@@ -476,7 +491,7 @@ fn search(operations: &[&Operation], config: &CheckConfig) -> (KeyOutcome, u64) 
                     cursor = list.first();
                     continue;
                 }
-                configuration.set(operation, false);
+                configuration.toggle(operation);
                 configuration.set_state(state);
             }
             cursor = list.nodes[cursor].next;
@@ -509,7 +524,7 @@ fn search(operations: &[&Operation], config: &CheckConfig) -> (KeyOutcome, u64) 
             definite_linearized -= 1;
         }
         state = frame.state_before;
-        configuration.set(operation, false);
+        configuration.toggle(operation);
         configuration.set_state(state);
         list.unlift(frame.call);
         cursor = list.nodes[frame.call].next;
