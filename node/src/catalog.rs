@@ -40,6 +40,10 @@ pub struct ShardDesc {
     /// Bumped on every change of the range (split, merge).
     pub epoch: u64,
     pub replicas: Vec<u64>,
+    /// Log index (in the shard's group) of the membership `replicas` was read from; an
+    /// older report never overwrites a newer one.
+    #[serde(default)]
+    pub replicas_at: u64,
 }
 
 /// Cluster identity, fixed at bootstrap.
@@ -68,10 +72,12 @@ pub enum CatalogCommand {
         tenant: String,
         name: String,
     },
-    /// The replica set of a shard changed (membership change done in the shard's group).
+    /// The replica set of a shard changed (membership change done in the shard's group):
+    /// the voters of the membership at log index `at_index` of that group.
     SetReplicas {
         shard: u64,
         replicas: Vec<u64>,
+        at_index: u64,
     },
     /// A node left the cluster: forgotten, and its id tombstoned so a stale process of it
     /// cannot register again.
@@ -135,12 +141,16 @@ pub fn apply<E>(
                 CatalogResponse::NodeRegistered
             }
         }
-        CatalogCommand::SetReplicas { shard, replicas } => {
+        CatalogCommand::SetReplicas { shard, replicas, at_index } => {
             let key = keys::catalog_shard_key(*shard);
             match read(&key)?.and_then(|v| serde_json::from_slice::<ShardDesc>(&v).ok()) {
                 Some(mut desc) => {
-                    desc.replicas = replicas.clone();
-                    changes.push((key, Some(encode(&desc))));
+                    // Two membership changes may report out of order: the newer one stays.
+                    if *at_index >= desc.replicas_at {
+                        desc.replicas = replicas.clone();
+                        desc.replicas_at = *at_index;
+                        changes.push((key, Some(encode(&desc))));
+                    }
                     CatalogResponse::ReplicasSet { found: true }
                 }
                 None => CatalogResponse::ReplicasSet { found: false },
@@ -256,7 +266,7 @@ mod tests {
         let boot = CatalogCommand::Bootstrap {
             cluster_id: "c1".into(),
             nodes: vec![NodeInfo { id: 1, grpc_addr: "a".into(), http_addr: String::new() }],
-            shards: vec![ShardDesc { id: 1, start: vec![1], end: vec![], epoch: 1, replicas: vec![1] }],
+            shards: vec![ShardDesc { id: 1, start: vec![1], end: vec![], epoch: 1, replicas: vec![1], replicas_at: 0 }],
         };
         assert_eq!(run(&mut m, 1, boot.clone()), CatalogResponse::Bootstrapped { already: false });
         let before = m.clone();
@@ -283,14 +293,24 @@ mod tests {
         let boot = CatalogCommand::Bootstrap {
             cluster_id: "c1".into(),
             nodes: vec![node(1), node(2)],
-            shards: vec![ShardDesc { id: 1, start: vec![1], end: vec![], epoch: 1, replicas: vec![1, 2] }],
+            shards: vec![ShardDesc {
+                id: 1,
+                start: vec![1],
+                end: vec![],
+                epoch: 1,
+                replicas: vec![1, 2],
+                replicas_at: 0,
+            }],
         };
         run(&mut m, 1, boot);
-        let set = CatalogCommand::SetReplicas { shard: 1, replicas: vec![1, 2, 3] };
+        let set = CatalogCommand::SetReplicas { shard: 1, replicas: vec![1, 2, 3], at_index: 40 };
         assert_eq!(run(&mut m, 2, set), CatalogResponse::ReplicasSet { found: true });
+        // An older report (a concurrent change that finished first) does not overwrite it.
+        let stale = CatalogCommand::SetReplicas { shard: 1, replicas: vec![1, 2], at_index: 35 };
+        assert_eq!(run(&mut m, 3, stale), CatalogResponse::ReplicasSet { found: true });
         let shard: ShardDesc = serde_json::from_slice(&m[&keys::catalog_shard_key(1)]).unwrap();
-        assert_eq!((shard.replicas, shard.epoch), (vec![1, 2, 3], 1));
-        let missing = CatalogCommand::SetReplicas { shard: 9, replicas: vec![1] };
+        assert_eq!((shard.replicas, shard.epoch, shard.replicas_at), (vec![1, 2, 3], 1, 40));
+        let missing = CatalogCommand::SetReplicas { shard: 9, replicas: vec![1], at_index: 1 };
         assert_eq!(run(&mut m, 3, missing), CatalogResponse::ReplicasSet { found: false });
         assert_eq!(run(&mut m, 4, CatalogCommand::RemoveNode { id: 2 }), CatalogResponse::NodeRemoved);
         assert!(!m.contains_key(&keys::catalog_node_key(2)));

@@ -281,6 +281,7 @@ pub async fn register(config: NodeConfig, http: String, host: Arc<RaftHost>, sto
             end,
             epoch: 1,
             replicas: config.initial_cluster.keys().copied().collect(),
+            replicas_at: 0,
         };
         cmds.push(CatalogCommand::Bootstrap { cluster_id: config.cluster_id.clone(), nodes, shards: vec![shard] });
     }

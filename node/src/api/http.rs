@@ -986,7 +986,14 @@ mod tests {
             meta_leader: Some(1),
             nodes: vec![(NodeInfo { id: 1, grpc_addr: "g".into(), http_addr: "h".into() }, "up")],
             shards: vec![ShardStatus {
-                desc: ShardDesc { id: 2, start: vec![0x01, 0xab], end: vec![], epoch: 3, replicas: vec![1] },
+                desc: ShardDesc {
+                    id: 2,
+                    start: vec![0x01, 0xab],
+                    end: vec![],
+                    epoch: 3,
+                    replicas: vec![1],
+                    replicas_at: 0,
+                },
                 leader: None,
                 state: "active",
                 qps: 1.5,

@@ -87,8 +87,8 @@ impl NodeApi {
         let mut out = Vec::new();
         for group in self.member_groups()? {
             let change = MemberChange::AddVoter { id, addr: grpc_addr.to_string(), fresh };
-            let voters = self.host().change_members(group, change).await?;
-            self.record_replicas(group, &voters).await?;
+            let (at_index, voters) = self.host().change_members(group, change).await?;
+            self.record_replicas(group, &voters, at_index).await?;
             tracing::info!(node = id, group, ?voters, "node added to group");
             out.push((group, voters));
         }
@@ -109,15 +109,15 @@ impl NodeApi {
         let mut out = Vec::new();
         let shards: Vec<GroupId> = self.member_groups()?.into_iter().filter(|g| *g != keys::META_GROUP).collect();
         for group in shards {
-            let voters = self.host().change_members(group, MemberChange::Remove { id }).await?;
-            self.record_replicas(group, &voters).await?;
+            let (at_index, voters) = self.host().change_members(group, MemberChange::Remove { id }).await?;
+            self.record_replicas(group, &voters, at_index).await?;
             tracing::info!(node = id, group, ?voters, "node removed from group");
             out.push((group, voters));
         }
         if !removed {
             self.host().propose(keys::META_GROUP, Command::Catalog(CatalogCommand::RemoveNode { id })).await?;
         }
-        let voters = self.host().change_members(keys::META_GROUP, MemberChange::Remove { id }).await?;
+        let (_, voters) = self.host().change_members(keys::META_GROUP, MemberChange::Remove { id }).await?;
         tracing::info!(node = id, group = keys::META_GROUP, ?voters, "node removed from group");
         out.push((keys::META_GROUP, voters));
         Ok(out)
@@ -125,11 +125,11 @@ impl NodeApi {
 
     /// Writes a shard group's voters into the catalog's shard map (the meta group's own
     /// membership is not a shard).
-    async fn record_replicas(&self, group: GroupId, voters: &[NodeId]) -> Result<(), ApiError> {
+    async fn record_replicas(&self, group: GroupId, voters: &[NodeId], at_index: u64) -> Result<(), ApiError> {
         if group == keys::META_GROUP {
             return Ok(());
         }
-        let cmd = CatalogCommand::SetReplicas { shard: group, replicas: voters.to_vec() };
+        let cmd = CatalogCommand::SetReplicas { shard: group, replicas: voters.to_vec(), at_index };
         self.host().propose(keys::META_GROUP, Command::Catalog(cmd)).await?;
         Ok(())
     }

@@ -112,8 +112,8 @@ pub enum ForwardResponse {
     ReadIndex {
         index: u64,
     },
-    /// The group's voters after a membership change (`index`: its log index, 0 when nothing
-    /// had to change).
+    /// The group's voters after a membership change and the log index of the membership
+    /// they come from (the current one when nothing had to change).
     MembersChanged {
         index: u64,
         voters: Vec<NodeId>,
@@ -301,8 +301,9 @@ impl RaftHost {
         let membership = h.raft.metrics().borrow().membership_config.membership().clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let uniform = membership.get_joint_config().len() == 1;
+        let membership_index = h.raft.metrics().borrow().membership_config.log_id().map(|l| l.index).unwrap_or(0);
         let unchanged = |voters: &BTreeSet<NodeId>| ForwardResponse::MembersChanged {
-            index: 0,
+            index: membership_index,
             voters: voters.iter().copied().collect(),
         };
         let refuse = |reason: String| ForwardResponse::Failed(GroupError::Fatal { group, reason });
@@ -579,14 +580,14 @@ impl RaftHost {
     }
 
     /// Changes the voters of `group` on its leader (forwarded when another node leads).
-    /// Returns the voters afterwards.
+    /// Returns the log index of the resulting membership and its voters.
     pub async fn change_members(
         self: &Arc<Self>,
         group: GroupId,
         change: MemberChange,
-    ) -> Result<Vec<NodeId>, GroupError> {
+    ) -> Result<(u64, Vec<NodeId>), GroupError> {
         match self.on_leader(group, ForwardRequest::ChangeMembers(change)).await? {
-            ForwardResponse::MembersChanged { voters, .. } => Ok(voters),
+            ForwardResponse::MembersChanged { index, voters } => Ok((index, voters)),
             ForwardResponse::Failed(e) => Err(e),
             _ => Err(GroupError::Unavailable { group, reason: "no leader elected".into(), retry_safe: true }),
         }
