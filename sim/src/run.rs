@@ -577,18 +577,32 @@ async fn do_write(
         id: key.into(),
         action: DocAction::Put { json: json!({ "v": value }).to_string(), expected: None },
     };
-    let mut acked = None;
-    let t = match call(ep, move |api| async move { api.write("", vec![w]).await }).await {
-        Some(Ok((results, meta))) => {
-            acked = results.first().map(|r| (r.version, meta.session_token.clone()));
-            note_ack(rec, key, acked.as_ref().map(|a| a.0));
-            EventType::Ok
-        }
-        Some(Err(e)) => failure_type(&e),
-        None => EventType::Info,
-    };
+    let (t, acked) = send_write(ep, w, rec, key).await;
     record(rec, trace, event(process, t, Function::Write, key, Some(json!(value))));
     acked
+}
+
+/// Sends one register write (put or compare-and-set) and classifies its outcome: `ok` with
+/// the acknowledged version and session token (remembered for the staleness checker), `fail`
+/// when it certainly did not apply (a failed precondition, a retry-safe error), else `info`.
+async fn send_write(
+    ep: &Endpoint,
+    w: WriteRequest,
+    rec: &Shared<Recorder>,
+    key: &str,
+) -> (EventType, Option<(u64, String)>) {
+    match call(ep, move |api| async move { api.write("", vec![w]).await }).await {
+        Some(Ok((results, meta))) => {
+            let acked = results.first().map(|r| (r.version, meta.session_token.clone()));
+            note_ack(rec, key, acked.as_ref().map(|a| a.0));
+            (EventType::Ok, acked)
+        }
+        Some(Err(ApiError::VersionMismatch { .. })) | Some(Err(ApiError::AlreadyExists { .. })) => {
+            (EventType::Fail, None)
+        }
+        Some(Err(e)) => (failure_type(&e), None),
+        None => (EventType::Info, None),
+    }
 }
 
 /// A strong read; returns the value and version it saw (`None` value: absent) when it succeeded.
@@ -814,17 +828,7 @@ async fn do_cas(
     let action =
         if current.is_null() { DocAction::Create { json } } else { DocAction::Put { json, expected: Some(version) } };
     let w = WriteRequest { collection: COLLECTION.into(), id: key.into(), action };
-    let mut acked = None;
-    let t = match call(ep, move |api| async move { api.write("", vec![w]).await }).await {
-        Some(Ok((results, meta))) => {
-            acked = results.first().map(|r| (r.version, meta.session_token.clone()));
-            note_ack(rec, key, acked.as_ref().map(|a| a.0));
-            EventType::Ok
-        }
-        Some(Err(ApiError::VersionMismatch { .. })) | Some(Err(ApiError::AlreadyExists { .. })) => EventType::Fail,
-        Some(Err(e)) => failure_type(&e),
-        None => EventType::Info,
-    };
+    let (t, acked) = send_write(ep, w, rec, key).await;
     record(rec, trace, event(process, t, Function::Cas, key, Some(arg)));
     acked
 }
