@@ -29,6 +29,10 @@ pub const IN_FLIGHT_MAX: usize = 2;
 pub const BATCHES_PER_ENTRY_MAX: usize = 256;
 /// Bound on the approximate bytes of one entry's batches (a lone batch may exceed it).
 pub const BYTES_PER_ENTRY_MAX: usize = 1 << 20;
+/// Bound on the worst-case bytes of one entry's answers (a lone batch may exceed it): a
+/// patch answers with the whole patched document, so each patch counts as the largest
+/// document its batch allows. Keeps a forwarded answer well under the 64 MiB reply limit.
+pub const ANSWER_BYTES_PER_ENTRY_MAX: usize = 16 << 20;
 /// Bound on overlapping batches passed over while building one entry (keeps a hot-document
 /// backlog from making every entry scan the whole queue).
 pub const SKIPPED_PER_ENTRY_MAX: usize = 64;
@@ -46,10 +50,13 @@ pub fn take_entry(pending: &mut VecDeque<Proposal>) -> Vec<Proposal> {
     let mut taken = Vec::new();
     let mut keys: BTreeSet<(String, String, String)> = BTreeSet::new();
     let mut bytes = 0usize;
+    let mut answer_bytes = 0usize;
     let mut skipped = VecDeque::new();
     while let Some(p) = pending.pop_front() {
         let size = approximate_bytes(&p.0);
-        if taken.len() >= BATCHES_PER_ENTRY_MAX || (!taken.is_empty() && bytes + size > BYTES_PER_ENTRY_MAX) {
+        let answer = worst_answer_bytes(&p.0);
+        let too_big = bytes + size > BYTES_PER_ENTRY_MAX || answer_bytes + answer > ANSWER_BYTES_PER_ENTRY_MAX;
+        if taken.len() >= BATCHES_PER_ENTRY_MAX || (!taken.is_empty() && too_big) {
             skipped.push_back(p);
             break;
         }
@@ -63,6 +70,7 @@ pub fn take_entry(pending: &mut VecDeque<Proposal>) -> Vec<Proposal> {
             continue;
         }
         bytes += size;
+        answer_bytes += answer;
         keys.extend(batch_keys);
         taken.push(p);
     }
@@ -89,6 +97,16 @@ fn approximate_bytes(batch: &DocBatch) -> usize {
             body + op.id.len() + op.collection.len() + 64
         })
         .sum()
+}
+
+/// The largest answer a batch can produce: patches return the patched document.
+fn worst_answer_bytes(batch: &DocBatch) -> usize {
+    let patches = batch
+        .ops
+        .iter()
+        .filter(|op| matches!(op.action, DocAction::MergePatch { .. } | DocAction::JsonPatch { .. }))
+        .count();
+    patches.saturating_mul(batch.limits.doc_bytes_max)
 }
 
 /// Drains `rx` for `group` until every sender is gone.
@@ -156,7 +174,7 @@ async fn propose_entry(host: &Arc<RaftHost>, group: GroupId, mut entry: Vec<Prop
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::docs::{DocOp, Limits};
+    use crate::docs::{DocAction, DocOp, Limits};
 
     fn proposal(ids: &[&str]) -> (Proposal, oneshot::Receiver<ProposalResult>) {
         let ops = ids
@@ -188,6 +206,22 @@ mod tests {
         assert_eq!(ids(&entry), vec![vec!["a"], vec!["b", "c"], vec!["d"], vec!["f"]]);
         let rest: Vec<Proposal> = pending.drain(..).collect();
         assert_eq!(ids(&rest), vec![vec!["a"], vec!["c", "e"]]);
+    }
+
+    #[test]
+    fn patch_answers_bound_an_entry() {
+        let mut pending = VecDeque::new();
+        let mut receivers = Vec::new();
+        for i in 0..40 {
+            let (mut p, rx) = proposal(&[&format!("p{i}")]);
+            p.0.ops[0].action = DocAction::MergePatch { patch: "{}".into(), expected: None };
+            pending.push_back(p);
+            receivers.push(rx);
+        }
+        // Each patch may answer with a whole 1 MiB document: 16 fit in the answer budget.
+        let per_entry = ANSWER_BYTES_PER_ENTRY_MAX / Limits::default().doc_bytes_max;
+        assert_eq!(take_entry(&mut pending).len(), per_entry);
+        assert_eq!(pending.len(), 40 - per_entry);
     }
 
     #[test]
