@@ -53,14 +53,15 @@ impl NodeApi {
         }
         // Decide on the newest catalog (this replica may lag).
         self.host().linearizable_position(keys::META_GROUP).await?;
+        let removed = || ApiError::AlreadyExists {
+            message: format!("node id {id} was removed from this cluster; join with a new id"),
+            current_version: 0,
+        };
         if self.catalog().is_removed(id)? {
-            return Err(ApiError::AlreadyExists {
-                message: format!("node id {id} was removed from this cluster; join with a new id"),
-                current_version: 0,
-            });
+            return Err(removed());
         }
-        if let Some(existing) = self.catalog().nodes()?.into_iter().find(|n| n.id == id) {
-            if existing.grpc_addr != grpc_addr {
+        match self.catalog().nodes()?.into_iter().find(|n| n.id == id) {
+            Some(existing) if existing.grpc_addr != grpc_addr => {
                 return Err(ApiError::AlreadyExists {
                     message: format!(
                         "node id {id} is already a member at {}; a node id names one machine",
@@ -69,19 +70,17 @@ impl NodeApi {
                     current_version: 0,
                 });
             }
-        }
-        // Announce the address first: peers resolve it through the catalog too.
-        let info = NodeInfo { id, grpc_addr: grpc_addr.to_string(), http_addr: String::new() };
-        if self.catalog().nodes()?.iter().all(|n| n.id != id) {
-            let cmd = Command::Catalog(CatalogCommand::RegisterNode(info));
-            // Applied in log order: a removal that committed since the check above wins.
-            if let (_, CommandResponse::Catalog(CatalogResponse::NodeRemoved)) =
-                self.host().propose(keys::META_GROUP, cmd).await?
-            {
-                return Err(ApiError::AlreadyExists {
-                    message: format!("node id {id} was removed from this cluster; join with a new id"),
-                    current_version: 0,
-                });
+            Some(_) => {}
+            None => {
+                // Announce the address first: peers resolve it through the catalog too.
+                let info = NodeInfo { id, grpc_addr: grpc_addr.to_string(), http_addr: String::new() };
+                let cmd = Command::Catalog(CatalogCommand::RegisterNode(info));
+                // Applied in log order: a removal that committed since the check above wins.
+                if let (_, CommandResponse::Catalog(CatalogResponse::NodeRemoved)) =
+                    self.host().propose(keys::META_GROUP, cmd).await?
+                {
+                    return Err(removed());
+                }
             }
         }
         let mut out = Vec::new();

@@ -198,13 +198,17 @@ impl NodeApi {
         })
     }
 
+    /// This replica's applied index of `group` (0 when the group is not hosted here).
+    fn applied_index(&self, group: GroupId) -> u64 {
+        self.host.group(group).map(|g| g.applied_index()).unwrap_or(0)
+    }
+
     /// The session position a read reflects. The replica may have applied past the read's
     /// position before it read, so the data can be newer than the position: the token must
     /// cover what was returned (found by the simulator, seed 1046: a session read went behind
     /// a version its client had already read).
     fn seen_position(&self, group: GroupId, position: u64, newest_version_read: u64) -> u64 {
-        let applied = self.host.group(group).map(|g| g.applied_index()).unwrap_or(0);
-        position.max(newest_version_read).max(applied)
+        position.max(newest_version_read).max(self.applied_index(group))
     }
 
     fn meta_for(&self, group: GroupId, index: u64, units: f64) -> ResponseMeta {
@@ -252,19 +256,20 @@ impl NodeApi {
     /// Reads the position a read must reflect, per consistency level, and counts how it was
     /// found (`floe_read_paths_total`).
     async fn read_position(&self, group: GroupId, consistency: &ReadConsistency) -> Result<u64, ApiError> {
-        let applied = || self.host.group(group).map(|g| g.applied_index()).unwrap_or(0);
         let leads = self.host.group(group).is_some_and(|g| g.is_leader());
         let through_leader = if leads { "read_index" } else { "forwarded" };
         let (position, path) = match consistency {
-            ReadConsistency::Strong if crate::planted::is_planted("stale-strong-read") => (applied(), "local"),
+            ReadConsistency::Strong if crate::planted::is_planted("stale-strong-read") => {
+                (self.applied_index(group), "local")
+            }
             ReadConsistency::Strong => (self.host.linearizable_position(group).await?, through_leader),
-            ReadConsistency::Eventual => (applied(), "local"),
+            ReadConsistency::Eventual => (self.applied_index(group), "local"),
             ReadConsistency::Session { token } => {
                 let (position, waited) = self.session_position(group, token).await?;
                 (position, waited.unwrap_or(through_leader))
             }
             ReadConsistency::BoundedStaleness { .. } if crate::planted::is_planted("stale-bounded-read") => {
-                (applied(), "local")
+                (self.applied_index(group), "local")
             }
             ReadConsistency::BoundedStaleness { max_staleness_ms } => {
                 let bound = Duration::from_millis(*max_staleness_ms);
@@ -294,13 +299,12 @@ impl NodeApi {
     /// linearizable position, which is always at least as new as any token. Returns the
     /// position and, when served here, `"local"` or `"waited"` (`None`: through the leader).
     async fn session_position(&self, group: GroupId, token: &str) -> Result<(u64, Option<&'static str>), ApiError> {
-        let local = || self.host.group(group).map(|g| g.applied_index()).unwrap_or(0);
         if token.is_empty() {
-            return Ok((local(), Some("local")));
+            return Ok((self.applied_index(group), Some("local")));
         }
         let positions = parse_session_token(token)?;
         if crate::planted::is_planted("lost-session") {
-            return Ok((local(), Some("local")));
+            return Ok((self.applied_index(group), Some("local")));
         }
         // A token without this group (e.g. the key's range moved to another group since the
         // client saw it) falls back to a linearizable position: always at least as new.
