@@ -100,6 +100,46 @@ impl Client {
         Ok(response.groups.into_iter().map(|g| (g.group, g.voters)).collect())
     }
 
+    /// Splits shards so that each of `ids` (documents of `collection`) starts a new shard.
+    /// Returns every split shard followed by its children.
+    pub async fn split_at(&self, collection: &str, ids: &[&str]) -> Result<Vec<pb::ShardStatus>> {
+        let request = pb::SplitShardRequest {
+            shard_id: 0,
+            tenant: self.tenant().to_owned(),
+            collection: collection.to_owned(),
+            ids: ids.iter().map(|i| i.to_string()).collect(),
+        };
+        self.split_shard(request).await
+    }
+
+    /// Splits shard `shard_id` at the median of its recent requests, or its middle by size.
+    pub async fn split_shard_in_half(&self, shard_id: u64) -> Result<Vec<pb::ShardStatus>> {
+        self.split_shard(pb::SplitShardRequest { shard_id, ..Default::default() }).await
+    }
+
+    /// Merges adjacent shards `left` and `right` (on the same replicas) into a new shard.
+    /// Returns the merged shard.
+    pub async fn merge_shards(&self, left: u64, right: u64) -> Result<Option<pb::ShardStatus>> {
+        let response = self
+            .call(OperationKind::Write, "merge_shards", |channel| {
+                let request = self.request(pb::MergeShardsRequest { left, right });
+                async move { Client::admin_client(channel).merge_shards(request).await }
+            })
+            .await?;
+        Ok(response.merged)
+    }
+
+    async fn split_shard(&self, request: pb::SplitShardRequest) -> Result<Vec<pb::ShardStatus>> {
+        // A repeated split is refused by its epoch check, so retrying is safe.
+        let response = self
+            .call(OperationKind::Write, "split_shard", |channel| {
+                let request = self.request(request.clone());
+                async move { Client::admin_client(channel).split_shard(request).await }
+            })
+            .await?;
+        Ok(response.shards)
+    }
+
     /// The group replicas of whichever endpoint answers (build a client with one endpoint to
     /// ask a given node).
     pub async fn replica_status(&self) -> Result<ReplicaStatus> {

@@ -109,10 +109,11 @@ impl Batch {
             return Ok(Vec::new());
         }
         let ops_count = self.ops.len();
+        let first = self.ops.first().map(|op| self.client.doc_key(&op.collection, &op.id));
         let request = pb::BatchRequest { tenant: self.client.tenant().to_owned(), ops: self.ops };
         let client = &self.client;
         let response = client
-            .call(OperationKind::Write, "batch", |channel| {
+            .call_for(OperationKind::Write, "batch", first.as_deref(), |channel| {
                 let request = client.request(request.clone());
                 async move { Client::documents_client(channel).batch(request).await }
             })

@@ -138,6 +138,19 @@ impl Client {
         self.session_lock().token()
     }
 
+    /// The session token for a read of `key` (only its shard's position when the routing
+    /// cache knows the shard).
+    pub(crate) fn session_token_for(&self, key: &[u8]) -> String {
+        let group = self.router().shard_for(key).map(|(id, _)| id);
+        self.session_lock().token_for(group)
+    }
+
+    /// The encoded key of document `id` in `collection` of this client's tenant (the server's
+    /// on-disk key order, which shard ranges are expressed in).
+    pub(crate) fn doc_key(&self, collection: &str, id: &str) -> Vec<u8> {
+        doc_key(self.tenant(), collection, id)
+    }
+
     /// Merges a token obtained elsewhere (e.g. from another client) into this client's session.
     pub fn observe_session_token(&self, token: &str) {
         self.session_lock().observe(token);
@@ -175,6 +188,23 @@ impl Client {
         &self,
         kind: OperationKind,
         operation: &'static str,
+        attempt: Attempt,
+    ) -> Result<Response>
+    where
+        Response: LeaderHint,
+        Attempt: FnMut(Channel) -> AttemptFuture,
+        AttemptFuture: Future<Output = std::result::Result<tonic::Response<Response>, Status>>,
+    {
+        self.call_for(kind, operation, None, attempt).await
+    }
+
+    /// `call` for a request about one document key (encoded, see `doc_key`): leader-bound
+    /// attempts go to the cached leader of the key's shard.
+    pub(crate) async fn call_for<Response, Attempt, AttemptFuture>(
+        &self,
+        kind: OperationKind,
+        operation: &'static str,
+        key: Option<&[u8]>,
         mut attempt: Attempt,
     ) -> Result<Response>
     where
@@ -189,7 +219,7 @@ impl Client {
         };
         let mut attempts_done: u32 = 0;
         loop {
-            let address = self.router().pick(target);
+            let address = self.router().pick_for(target, key);
             let result = match self.channel(&address) {
                 Ok(channel) => match tokio::time::timeout(config.request_timeout, attempt(channel)).await {
                     Ok(Ok(response)) => Ok(response.into_inner()),
@@ -208,6 +238,15 @@ impl Client {
                 Ok(response) => {
                     if let Some(leader) = response.leader_grpc_addr() {
                         self.router().observe_leader(leader);
+                    }
+                    if let Some(m) = response.meta() {
+                        self.router().observe_shard(
+                            m.shard_id,
+                            m.shard_epoch,
+                            &m.shard_start,
+                            &m.shard_end,
+                            &m.leader_grpc_addr,
+                        );
                     }
                     if let Some(token) = response.session_token() {
                         self.session_lock().observe(token);
@@ -267,7 +306,25 @@ impl Client {
 }
 
 /// Responses that may name the current leader and carry a session token.
+/// The server's document key: `0x01 | tenant | 0x00 | collection | 0x00 | id` (the stable
+/// on-disk format, `floe_node::keys::doc_key`; an empty tenant is the server's default).
+pub fn doc_key(tenant: &str, collection: &str, id: &str) -> Vec<u8> {
+    let tenant = if tenant.is_empty() { crate::config::TENANT_DEFAULT } else { tenant };
+    let mut k = Vec::with_capacity(3 + tenant.len() + collection.len() + id.len());
+    k.push(0x01);
+    k.extend_from_slice(tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(collection.as_bytes());
+    k.push(0);
+    k.extend_from_slice(id.as_bytes());
+    k
+}
+
 pub(crate) trait LeaderHint {
+    /// The response's metadata, when it has one.
+    fn meta(&self) -> Option<&pb::ResponseMeta> {
+        None
+    }
     fn leader_grpc_addr(&self) -> Option<&str> {
         None
     }
@@ -285,6 +342,9 @@ fn meta_session(meta: &Option<pb::ResponseMeta>) -> Option<&str> {
 }
 
 impl LeaderHint for pb::GetResponse {
+    fn meta(&self) -> Option<&pb::ResponseMeta> {
+        self.meta.as_ref()
+    }
     fn leader_grpc_addr(&self) -> Option<&str> {
         meta_leader(&self.meta)
     }
@@ -293,6 +353,9 @@ impl LeaderHint for pb::GetResponse {
     }
 }
 impl LeaderHint for pb::WriteResponse {
+    fn meta(&self) -> Option<&pb::ResponseMeta> {
+        self.meta.as_ref()
+    }
     fn leader_grpc_addr(&self) -> Option<&str> {
         meta_leader(&self.meta)
     }
@@ -301,6 +364,9 @@ impl LeaderHint for pb::WriteResponse {
     }
 }
 impl LeaderHint for pb::BatchGetResponse {
+    fn meta(&self) -> Option<&pb::ResponseMeta> {
+        self.meta.as_ref()
+    }
     fn leader_grpc_addr(&self) -> Option<&str> {
         meta_leader(&self.meta)
     }
@@ -309,6 +375,9 @@ impl LeaderHint for pb::BatchGetResponse {
     }
 }
 impl LeaderHint for pb::BatchResponse {
+    fn meta(&self) -> Option<&pb::ResponseMeta> {
+        self.meta.as_ref()
+    }
     fn leader_grpc_addr(&self) -> Option<&str> {
         meta_leader(&self.meta)
     }
@@ -323,6 +392,8 @@ impl LeaderHint for pb::ClusterStatusResponse {}
 impl LeaderHint for pb::AddNodeResponse {}
 impl LeaderHint for pb::RemoveNodeResponse {}
 impl LeaderHint for pb::ReplicaStatusResponse {}
+impl LeaderHint for pb::SplitShardResponse {}
+impl LeaderHint for pb::MergeShardsResponse {}
 
 impl ClientBuilder {
     /// Builds the client and checks that at least one endpoint accepts a connection.

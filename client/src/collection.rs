@@ -44,15 +44,16 @@ impl Collection {
         id: &str,
         consistency: ReadConsistency,
     ) -> Result<Option<Document<T>>> {
+        let key = self.client.doc_key(&self.name, id);
         let request = pb::GetRequest {
             tenant: self.client.tenant().to_owned(),
             collection: self.name.clone(),
             id: id.to_owned(),
-            read: Some(consistency.to_proto(&self.client.session_token())),
+            read: Some(consistency.to_proto(&self.client.session_token_for(&key))),
         };
         let response = self
             .client
-            .call(read_kind(&consistency), "get", |channel| {
+            .call_for(read_kind(&consistency), "get", Some(&key), |channel| {
                 let request = self.client.request(request.clone());
                 async move { Client::documents_client(channel).get(request).await }
             })
@@ -81,9 +82,10 @@ impl Collection {
             ids: ids.clone(),
             read: Some(consistency.to_proto(&self.client.session_token())),
         };
+        let first = ids.first().map(|id| self.client.doc_key(&self.name, id));
         let response = self
             .client
-            .call(read_kind(&consistency), "batch_get", |channel| {
+            .call_for(read_kind(&consistency), "batch_get", first.as_deref(), |channel| {
                 let request = self.client.request(request.clone());
                 async move { Client::documents_client(channel).batch_get(request).await }
             })
@@ -139,7 +141,7 @@ impl Collection {
             id: id.to_owned(),
             json: encode_json(value)?,
         };
-        self.write("create", |client, channel| {
+        self.write("create", id, |client, channel| {
             let request = client.request(request.clone());
             async move { Client::documents_client(channel).create(request).await }
         })
@@ -160,7 +162,7 @@ impl Collection {
             json: encode_json(value)?,
             expected_version: expected_version_to_proto(expected)?,
         };
-        self.write("replace", |client, channel| {
+        self.write("replace", id, |client, channel| {
             let request = client.request(request.clone());
             async move { Client::documents_client(channel).replace(request).await }
         })
@@ -186,7 +188,7 @@ impl Collection {
             id: id.to_owned(),
             expected_version: expected_version_to_proto(expected)?,
         };
-        self.write("delete", |client, channel| {
+        self.write("delete", id, |client, channel| {
             let request = client.request(request.clone());
             async move { Client::documents_client(channel).delete(request).await }
         })
@@ -201,7 +203,7 @@ impl Collection {
             json,
             expected_version,
         };
-        self.write("put", |client, channel| {
+        self.write("put", id, |client, channel| {
             let request = client.request(request.clone());
             async move { Client::documents_client(channel).put(request).await }
         })
@@ -223,21 +225,28 @@ impl Collection {
             patch_json: encode_json(patch)?,
             expected_version: expected_version_to_proto(expected)?,
         };
-        self.write("patch", |client, channel| {
+        self.write("patch", id, |client, channel| {
             let request = client.request(request.clone());
             async move { Client::documents_client(channel).patch(request).await }
         })
         .await
     }
 
-    async fn write<Attempt, AttemptFuture>(&self, operation: &'static str, mut attempt: Attempt) -> Result<WriteOutcome>
+    async fn write<Attempt, AttemptFuture>(
+        &self,
+        operation: &'static str,
+        id: &str,
+        mut attempt: Attempt,
+    ) -> Result<WriteOutcome>
     where
         Attempt: FnMut(&Client, tonic::transport::Channel) -> AttemptFuture,
         AttemptFuture:
             std::future::Future<Output = std::result::Result<tonic::Response<pb::WriteResponse>, tonic::Status>>,
     {
         let client = &self.client;
-        let response = client.call(OperationKind::Write, operation, |channel| attempt(client, channel)).await?;
+        let key = client.doc_key(&self.name, id);
+        let response =
+            client.call_for(OperationKind::Write, operation, Some(&key), |channel| attempt(client, channel)).await?;
         WriteOutcome::from_proto(response, "")
     }
 }

@@ -46,7 +46,7 @@ mod types;
 
 pub use admin::{ClusterStatus, ReplicaStatus};
 pub use batch::Batch;
-pub use client::Client;
+pub use client::{doc_key, Client};
 pub use collection::Collection;
 pub use config::{ClientBuilder, ClientConfig, CONNECT_TIMEOUT_DEFAULT, REQUEST_TIMEOUT_DEFAULT, TENANT_DEFAULT};
 pub use endpoint::normalize_endpoint;

@@ -5,6 +5,11 @@
 //! client sends every group it knows, comma separated (`1:57,4:12`), and the server uses the
 //! entry of the group that owns the key.
 //!
+//! When the client knows which shard a key is in (its routing cache), a read sends only that
+//! shard's position; otherwise it sends at most `TOKEN_GROUPS_MAX` groups, the most recently
+//! advanced (a server that finds no entry for the key's shard falls back to a linearizable
+//! read, so a missing entry costs time, never correctness).
+//!
 //! Invariant: positions only grow (a response from a lagging replica never moves the
 //! session back). Pure; no I/O.
 
@@ -14,7 +19,13 @@ use std::collections::BTreeMap;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionTokens {
     positions: BTreeMap<u64, u64>,
+    /// When each group last advanced (a counter), to pick the recent ones.
+    advanced: BTreeMap<u64, u64>,
+    tick: u64,
 }
+
+/// Bound on the groups one session token names.
+pub const TOKEN_GROUPS_MAX: usize = 64;
 
 impl SessionTokens {
     /// Merges a token (`group:index`, or a comma-separated list of them). Malformed parts are
@@ -24,14 +35,34 @@ impl SessionTokens {
             let Some((group, index)) = part.trim().split_once(':') else { continue };
             let (Ok(group), Ok(index)) = (group.parse::<u64>(), index.parse::<u64>()) else { continue };
             let slot = self.positions.entry(group).or_default();
-            *slot = (*slot).max(index);
+            if index > *slot || !self.advanced.contains_key(&group) {
+                *slot = (*slot).max(index);
+                self.tick += 1;
+                self.advanced.insert(group, self.tick);
+            }
+        }
+    }
+
+    /// The token for a read of a key in `group` (when known): that group's position alone
+    /// if the session has one, else the bounded list of `token`.
+    pub fn token_for(&self, group: Option<u64>) -> String {
+        match group.and_then(|g| self.positions.get(&g).map(|i| (g, i))) {
+            Some((g, i)) => format!("{g}:{i}"),
+            None => self.token(),
         }
     }
 
     /// The token to send: every group's newest position, comma separated (empty when the
-    /// client has seen nothing yet).
+    /// client has seen nothing yet); the `TOKEN_GROUPS_MAX` most recently advanced groups
+    /// when it has seen more.
     pub fn token(&self) -> String {
-        let parts: Vec<String> = self.positions.iter().map(|(g, i)| format!("{g}:{i}")).collect();
+        let mut groups: Vec<u64> = self.positions.keys().copied().collect();
+        if groups.len() > TOKEN_GROUPS_MAX {
+            groups.sort_by_key(|g| std::cmp::Reverse(self.advanced.get(g).copied().unwrap_or(0)));
+            groups.truncate(TOKEN_GROUPS_MAX);
+            groups.sort_unstable();
+        }
+        let parts: Vec<String> = groups.iter().map(|g| format!("{g}:{}", self.positions[g])).collect();
         parts.join(",")
     }
 
@@ -57,6 +88,18 @@ mod tests {
         assert_eq!(s.token(), "1:60,4:12,9:1");
         assert_eq!(s.position(4), Some(12));
         assert_eq!(s.position(5), None);
+    }
+
+    #[test]
+    fn a_known_shard_sends_only_its_position_and_the_list_is_bounded() {
+        let mut s = SessionTokens::default();
+        for g in 0..100u64 {
+            s.observe(&format!("{g}:{}", g + 1));
+        }
+        assert_eq!(s.token_for(Some(7)), "7:8");
+        assert_eq!(s.token_for(Some(1_000)).split(',').count(), TOKEN_GROUPS_MAX);
+        let token = s.token();
+        assert!(token.contains("99:100") && !token.contains("0:1,"), "the most recent groups are kept: {token}");
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! environment variable. Binary-only code: errors are `anyhow`.
 
 use crate::docs::Limits;
+use crate::placement::PlacementConfig;
 use crate::raft::host::RaftTuning;
 use crate::server::{self, NodeConfig, RunningNode};
 use anyhow::{anyhow, bail, Context, Result};
@@ -9,6 +10,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use floe_proto::v1 as pb;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 #[derive(Parser, Debug)]
 #[command(name = "floe", version, about = "Floe: a Raft-replicated, serverless JSON document store")]
@@ -44,6 +46,60 @@ pub enum Commands {
     Ctl(crate::ctl::CtlArgs),
 }
 
+/// Thresholds of the elastic behaviour, shared by `dev` and `start`.
+#[derive(Args, Debug, Clone)]
+pub struct ElasticArgs {
+    /// Split a shard whose request rate stays above this many requests/s (0: never by load).
+    #[arg(long, env = "FLOE_SPLIT_QPS", default_value_t = PlacementConfig::default().split_qps)]
+    pub split_qps: f64,
+    /// Split a shard holding more than this many bytes of documents (0: never by size).
+    #[arg(long, env = "FLOE_SPLIT_BYTES", default_value_t = PlacementConfig::default().split_bytes)]
+    pub split_bytes: u64,
+    /// Merge adjacent shards each below this many requests/s (0: never merge).
+    #[arg(long, env = "FLOE_MERGE_QPS", default_value_t = PlacementConfig::default().merge_qps)]
+    pub merge_qps: f64,
+    /// ...when together they hold fewer than this many bytes.
+    #[arg(long, env = "FLOE_MERGE_BYTES", default_value_t = PlacementConfig::default().merge_bytes)]
+    pub merge_bytes: u64,
+    /// A shard is neither split nor merged again for this long after its range changed.
+    #[arg(long, env = "FLOE_SPLIT_COOLDOWN", default_value = "30s", value_parser = parse_duration)]
+    pub split_cooldown: Duration,
+    /// An idle shard hibernates (no messages, no CPU) after this long without requests;
+    /// `off` never hibernates.
+    #[arg(long, env = "FLOE_HIBERNATE_AFTER", default_value = "30s", value_parser = parse_optional_duration)]
+    pub hibernate_after: OptionalDuration,
+}
+
+/// A duration that may be `off` (clap treats a bare `Option` field as an optional flag).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OptionalDuration(pub Option<Duration>);
+
+impl ElasticArgs {
+    pub fn placement(&self) -> PlacementConfig {
+        PlacementConfig {
+            split_qps: self.split_qps,
+            split_bytes: self.split_bytes,
+            merge_qps: self.merge_qps,
+            merge_bytes: self.merge_bytes,
+            cooldown: self.split_cooldown,
+            ..PlacementConfig::default()
+        }
+    }
+}
+
+/// Parses `250ms`, `5s`, `2m`, `1h` (a bare number is seconds), as `floe bench` does.
+pub fn parse_duration(text: &str) -> std::result::Result<Duration, String> {
+    crate::bench::parse_duration(text).map_err(|e| format!("{e:#}"))
+}
+
+/// Like `parse_duration`, and `off` (or `0`) for never.
+pub fn parse_optional_duration(text: &str) -> std::result::Result<OptionalDuration, String> {
+    match text.trim() {
+        "off" | "never" => Ok(OptionalDuration(None)),
+        other => parse_duration(other).map(|d| OptionalDuration((!d.is_zero()).then_some(d))),
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct DevArgs {
     /// Number of nodes (node k of N listens on 7700+10k / 7701+10k).
@@ -58,6 +114,8 @@ pub struct DevArgs {
     /// HTTP port of the first node (default: gRPC port + 1).
     #[arg(long, env = "FLOE_HTTP_PORT")]
     pub http_port: Option<u16>,
+    #[command(flatten)]
+    pub elastic: ElasticArgs,
 }
 
 #[derive(Args, Debug)]
@@ -91,6 +149,8 @@ pub struct StartArgs {
     /// Log entries kept behind a snapshot for lagging followers.
     #[arg(long, env = "FLOE_SNAPSHOT_KEEP_LOGS", default_value_t = RaftTuning::default().logs_kept_after_snapshot)]
     pub snapshot_keep_logs: u64,
+    #[command(flatten)]
+    pub elastic: ElasticArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -172,7 +232,8 @@ pub fn dev_node_config(args: &DevArgs, k: u64) -> NodeConfig {
         join: None,
         cluster_id: "floe-dev".into(),
         limits: Limits::default(),
-        tuning: RaftTuning::default(),
+        tuning: RaftTuning { hibernate_after: args.elastic.hibernate_after.0, ..RaftTuning::default() },
+        placement: args.elastic.placement(),
     }
 }
 
@@ -215,8 +276,10 @@ pub async fn run_start(args: StartArgs) -> Result<()> {
         tuning: RaftTuning {
             snapshot_logs_since_last: args.snapshot_count.max(1),
             logs_kept_after_snapshot: args.snapshot_keep_logs,
+            hibernate_after: args.elastic.hibernate_after.0,
             ..RaftTuning::default()
         },
+        placement: args.elastic.placement(),
     };
     let node = server::start(cfg).await?;
     println!("floe node {} gRPC {} HTTP {}", args.node_id, node.grpc_addr, node.http_addr);
@@ -337,10 +400,24 @@ mod tests {
 
     #[test]
     fn dev_ports_follow_the_design() {
-        let args = DevArgs { nodes: 3, data: "d".into(), grpc_port: 7700, http_port: None };
+        let args = Cli::parse_from(["floe", "dev", "--nodes", "3", "--data", "d"]);
+        let Commands::Dev(args) = args.command else { panic!("not dev") };
         let c2 = dev_node_config(&args, 2);
         assert_eq!(c2.grpc_addr, "127.0.0.1:7710");
         assert_eq!(c2.http_addr, "127.0.0.1:7711");
         assert_eq!(c2.initial_cluster.len(), 3);
+    }
+
+    #[test]
+    fn durations_parse_or_name_the_problem() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert!(parse_duration("-1s").is_err());
+        assert_eq!(parse_optional_duration("off"), Ok(OptionalDuration(None)));
+        assert_eq!(parse_optional_duration("0s"), Ok(OptionalDuration(None)));
+        assert_eq!(parse_optional_duration("1s"), Ok(OptionalDuration(Some(Duration::from_secs(1)))));
     }
 }

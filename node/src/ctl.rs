@@ -1,4 +1,4 @@
-//! `floe ctl`: operate a running cluster (status, node remove), like `etcdctl`. Nodes join
+//! `floe ctl`: operate a running cluster (status, shards, split, node remove), like `etcdctl`. Nodes join
 //! with `floe start --join`, which knows whether the node's disk is empty (see `add_node`).
 //!
 //! Owns: the `ctl` arguments, the calls through `floe-client`, and the rendering of the
@@ -28,6 +28,24 @@ pub enum CtlCommand {
     /// Remove cluster members (nodes join with `floe start --join`).
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Every shard: its key range, epoch, state (active or hibernating), leader, replicas and
+    /// request rate.
+    Shards,
+    /// Split shards by hand: `--collection C --ids a,b` starts a new shard at each of those
+    /// documents; `--shard N` splits shard N at the median of its recent requests or its
+    /// middle by size.
+    Split {
+        #[arg(long, conflicts_with_all = ["collection", "ids"])]
+        shard: Option<u64>,
+        #[arg(long, requires = "ids")]
+        collection: Option<String>,
+        #[arg(long, value_delimiter = ',')]
+        ids: Vec<String>,
+        #[arg(long, env = "FLOE_TENANT", default_value = "")]
+        tenant: String,
+    },
+    /// Merge two adjacent shards on the same replicas into a new shard.
+    Merge { left: u64, right: u64 },
 }
 
 #[derive(Subcommand, Debug)]
@@ -45,6 +63,44 @@ pub async fn run(args: CtlArgs) -> Result<()> {
         CtlCommand::Status => {
             let out = status(&args.endpoints).await?;
             print!("{out}");
+        }
+        CtlCommand::Shards => {
+            let client =
+                Client::builder().endpoints(args.endpoints.iter().cloned()).build().context("building the client")?;
+            let cluster = client.cluster_status().await.context("no endpoint answered ClusterStatus")?;
+            print!("{}", render_shards(&cluster));
+        }
+        CtlCommand::Split { shard, collection, ids, tenant } => {
+            let client = Client::builder()
+                .endpoints(args.endpoints.iter().cloned())
+                .tenant(tenant)
+                .build()
+                .context("building the client")?;
+            let shards = match (shard, collection) {
+                (Some(id), _) => client.split_shard_in_half(id).await?,
+                (None, Some(c)) => {
+                    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+                    client.split_at(&c, &ids).await?
+                }
+                (None, None) => bail!("give --shard N, or --collection C --ids a,b,..."),
+            };
+            println!("{:<7} {:<7} RANGE", "SHARD", "EPOCH");
+            for s in &shards {
+                println!("{:<7} {:<7} {}", s.id, s.epoch, range_text(&s.start_hex, &s.end_hex));
+            }
+        }
+        CtlCommand::Merge { left, right } => {
+            let client =
+                Client::builder().endpoints(args.endpoints.iter().cloned()).build().context("building the client")?;
+            match client.merge_shards(left, right).await? {
+                Some(s) => println!(
+                    "merged {left} and {right} into shard {} (epoch {}) {}",
+                    s.id,
+                    s.epoch,
+                    range_text(&s.start_hex, &s.end_hex)
+                ),
+                None => println!("merged {left} and {right}"),
+            }
         }
         CtlCommand::Node(NodeCommand::Remove { id }) => {
             let groups = membership_client(&args.endpoints)?.remove_node(id).await?;
@@ -100,6 +156,59 @@ fn join_ids(ids: &[u64]) -> String {
     } else {
         parts.join(",")
     }
+}
+
+/// A key for humans: `tenant/collection/id` when it is a document key, else hex.
+fn key_text(hex: &str) -> String {
+    if hex.is_empty() {
+        return "end".into();
+    }
+    let bytes: Option<Vec<u8>> =
+        (0..hex.len()).step_by(2).map(|i| hex.get(i..i + 2).and_then(|b| u8::from_str_radix(b, 16).ok())).collect();
+    match bytes.as_deref().and_then(crate::keys::parse_doc_key) {
+        Some((t, c, i)) => format!("{t}/{c}/{i}"),
+        None => format!("0x{hex}"),
+    }
+}
+
+fn range_text(start_hex: &str, end_hex: &str) -> String {
+    format!("[{}, {})", key_text(start_hex), key_text(end_hex))
+}
+
+/// The shards table, in key order.
+pub fn render_shards(cluster: &ClusterStatus) -> String {
+    let mut shards: Vec<&floe_client::proto::ShardStatus> = cluster.shards.iter().collect();
+    shards.sort_by(|a, b| a.start_hex.cmp(&b.start_hex));
+    let mut out = String::new();
+    let active = shards.iter().filter(|s| s.state == "active").count();
+    let _ = writeln!(
+        out,
+        "{} shards ({} active, {} hibernating), as node {} sees them",
+        shards.len(),
+        active,
+        shards.len() - active,
+        cluster.answered_by
+    );
+    let _ = writeln!(
+        out,
+        "{:<7} {:<6} {:<12} {:<7} {:<9} {:>9}  RANGE",
+        "SHARD", "EPOCH", "STATE", "LEADER", "REPLICAS", "QPS"
+    );
+    for s in shards {
+        let leader = if s.leader == 0 { "-".to_string() } else { s.leader.to_string() };
+        let _ = writeln!(
+            out,
+            "{:<7} {:<6} {:<12} {:<7} {:<9} {:>9.1}  {}",
+            s.id,
+            s.epoch,
+            s.state,
+            leader,
+            join_ids(&s.replicas),
+            s.qps,
+            range_text(&s.start_hex, &s.end_hex)
+        );
+    }
+    out
 }
 
 /// The status tables: nodes, groups, replicas (lag = leader's last log index − replica's
@@ -211,5 +320,41 @@ mod tests {
         // Leader of group 1 applied 50 of 52: lag 2.
         let line = out.lines().find(|l| l.starts_with("1      1     leader")).expect("replica line");
         assert!(line.trim_end().ends_with('2'), "{line}");
+    }
+
+    #[test]
+    fn shards_table_decodes_document_keys() {
+        let split = crate::keys::to_hex(&crate::keys::doc_key("default", "bench", "k00005000"));
+        let cluster = pb::ClusterStatusResponse {
+            shards: vec![
+                pb::ShardStatus {
+                    id: 2,
+                    start_hex: split.clone(),
+                    epoch: 2,
+                    state: "hibernating".into(),
+                    ..Default::default()
+                },
+                pb::ShardStatus {
+                    id: 1,
+                    start_hex: "01".into(),
+                    end_hex: split,
+                    epoch: 2,
+                    state: "active".into(),
+                    leader: 3,
+                    qps: 12.5,
+                    ..Default::default()
+                },
+            ],
+            answered_by: 1,
+            ..Default::default()
+        };
+        let out = render_shards(&cluster);
+        assert!(out.starts_with("2 shards (1 active, 1 hibernating)"), "{out}");
+        let lines: Vec<&str> = out.lines().collect();
+        assert!(
+            lines[2].starts_with("1 ") && lines[2].contains("12.5") && lines[2].contains("default/bench/k00005000)"),
+            "{out}"
+        );
+        assert!(lines[3].starts_with("2 ") && lines[3].contains("[default/bench/k00005000, end)"), "{out}");
     }
 }

@@ -24,18 +24,26 @@ const CATALOG_COLLECTION: u8 = b'c';
 const CATALOG_SHARD: u8 = b's';
 const CATALOG_CLUSTER: u8 = b'k';
 const CATALOG_REMOVED_NODE: u8 = b'r';
+const CATALOG_NEXT_GROUP: u8 = b'g';
+const CATALOG_MERGE: u8 = b'x';
+const CATALOG_MERGE_PART: u8 = b'y';
+const CATALOG_MERGED_AWAY: u8 = b'z';
 
-/// Tenant reserved for Floe's own per-shard records; user tenant names cannot start with `.`.
-pub const SYSTEM_TENANT: &str = ".floe";
+/// Field prefix (in `raft_meta`) of a group's stored request answers (write deduplication).
+/// Kept per group, outside the data range: several groups share one data column family, and
+/// a group's answers must travel in its snapshots whatever its range is.
+pub const DEDUP_FIELD: &str = "dedup:";
+/// Field prefix of a group's "which requests were applied at log index N" records.
+pub const DEDUP_INDEX_FIELD: &str = "dedup#";
 
-/// Key of the stored answer to request `request_id` (write deduplication).
-pub fn dedup_key(request_id: &str) -> Vec<u8> {
-    doc_key(SYSTEM_TENANT, "dedup", request_id)
+/// Key of group `group`'s stored answer to request `request_id`.
+pub fn dedup_key(group: u64, request_id: &str) -> Vec<u8> {
+    group_meta_key(group, &format!("{DEDUP_FIELD}{request_id}"))
 }
 
-/// Key recording which request was applied at log `index` (for evicting old answers).
-pub fn dedup_index_key(index: u64) -> Vec<u8> {
-    doc_key(SYSTEM_TENANT, "dedup-by-index", &format!("{index:020}"))
+/// Key recording which requests group `group` applied at log `index` (for eviction).
+pub fn dedup_index_key(group: u64, index: u64) -> Vec<u8> {
+    group_meta_key(group, &format!("{DEDUP_INDEX_FIELD}{index:020}"))
 }
 
 /// Key of one document.
@@ -107,6 +115,31 @@ pub fn catalog_shards_prefix() -> Vec<u8> {
 pub fn catalog_cluster_key() -> Vec<u8> {
     vec![CATALOG_PREFIX, CATALOG_CLUSTER]
 }
+/// A merge in progress, by the merged group's id.
+pub fn catalog_merge_key(into: u64) -> Vec<u8> {
+    let mut k = vec![CATALOG_PREFIX, CATALOG_MERGE];
+    k.extend_from_slice(&into.to_be_bytes());
+    k
+}
+pub fn catalog_merges_prefix() -> Vec<u8> {
+    vec![CATALOG_PREFIX, CATALOG_MERGE]
+}
+/// Which open merge shard `part` takes part in.
+pub fn catalog_merge_part_key(part: u64) -> Vec<u8> {
+    let mut k = vec![CATALOG_PREFIX, CATALOG_MERGE_PART];
+    k.extend_from_slice(&part.to_be_bytes());
+    k
+}
+/// Tombstone of a shard merged away (its replicas anywhere are obsolete).
+pub fn catalog_merged_away_key(group: u64) -> Vec<u8> {
+    let mut k = vec![CATALOG_PREFIX, CATALOG_MERGED_AWAY];
+    k.extend_from_slice(&group.to_be_bytes());
+    k
+}
+/// The next unused group id (shard ids are group ids, allocated by the meta group).
+pub fn catalog_next_group_key() -> Vec<u8> {
+    vec![CATALOG_PREFIX, CATALOG_NEXT_GROUP]
+}
 
 /// The data range `[start, end)` a group owns at bootstrap (`end` empty: unbounded).
 pub fn initial_group_range(group_id: u64) -> (Vec<u8>, Vec<u8>) {
@@ -161,7 +194,16 @@ mod tests {
     #[test]
     fn catalog_keys_sort_before_documents() {
         let (s, e) = initial_group_range(META_GROUP);
-        for k in [catalog_node_key(3), catalog_collection_key("t", "c"), catalog_shard_key(1), catalog_cluster_key()] {
+        for k in [
+            catalog_node_key(3),
+            catalog_collection_key("t", "c"),
+            catalog_shard_key(1),
+            catalog_cluster_key(),
+            catalog_next_group_key(),
+            catalog_merge_key(9),
+            catalog_merge_part_key(9),
+            catalog_merged_away_key(9),
+        ] {
             assert!(k >= s && k < e);
         }
         assert!(doc_key("", "", "") >= e);

@@ -1,8 +1,11 @@
-//! Request-rate meters per shard, for load reports and `ClusterStatus` (later: load splits).
+//! Request-rate meters per shard, with sampled request keys, for load reports, load-based
+//! splits and `ClusterStatus`.
 //!
 //! A ring of one-second buckets over `WINDOW_S` seconds; time comes from the caller (tokio's
-//! clock), so the simulator drives it deterministically.
+//! clock), so the simulator drives it deterministically. The key sample is the last
+//! `KEY_SAMPLE_MAX` keys requested: its median splits the recent load in half.
 
+use std::collections::VecDeque;
 use tokio::time::Instant;
 
 /// Seconds of history kept.
@@ -40,6 +43,45 @@ impl RateMeter {
     }
 }
 
+/// Bound on the keys one group's meter remembers.
+pub const KEY_SAMPLE_MAX: usize = 256;
+/// Bound on the sampled keys one load report carries per group.
+pub const REPORTED_KEYS_MAX: usize = 32;
+
+/// One group's request rate and its recent keys.
+#[derive(Debug, Default)]
+pub struct GroupLoad {
+    meter: RateMeter,
+    keys: VecDeque<Vec<u8>>,
+}
+
+impl GroupLoad {
+    pub fn record(&mut self, now: Instant, key: &[u8]) {
+        self.meter.record(now);
+        if self.keys.len() >= KEY_SAMPLE_MAX {
+            self.keys.pop_front();
+        }
+        self.keys.push_back(key.to_vec());
+    }
+
+    pub fn rate_per_s(&mut self, now: Instant) -> f64 {
+        self.meter.rate_per_s(now)
+    }
+
+    /// Up to `REPORTED_KEYS_MAX` of the recent keys, spread evenly over the sample.
+    pub fn sampled_keys(&self) -> Vec<Vec<u8>> {
+        let step = self.keys.len().div_ceil(REPORTED_KEYS_MAX).max(1);
+        self.keys.iter().step_by(step).cloned().collect()
+    }
+}
+
+/// The key that splits `keys` into halves (the median of the sorted sample), if any.
+pub fn median_key(mut keys: Vec<Vec<u8>>) -> Option<Vec<u8>> {
+    keys.sort();
+    keys.dedup();
+    keys.get(keys.len() / 2).cloned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -56,5 +98,23 @@ mod tests {
         assert!((r - 10.0).abs() < 0.01, "{r}");
         let later = m.rate_per_s(t0 + Duration::from_secs(60));
         assert_eq!(later, 0.0);
+    }
+
+    #[test]
+    fn key_sample_is_bounded_and_its_median_halves_it() {
+        let t0 = Instant::now();
+        let mut g = GroupLoad::default();
+        for i in 0..1_000u32 {
+            g.record(t0, format!("k{:04}", i % 100).as_bytes());
+        }
+        let sample = g.sampled_keys();
+        assert!(sample.len() <= REPORTED_KEYS_MAX, "{}", sample.len());
+        let median = median_key(sample).unwrap();
+        assert!(
+            median.as_slice() > &b"k0030"[..] && median.as_slice() < &b"k0070"[..],
+            "{:?}",
+            String::from_utf8_lossy(&median)
+        );
+        assert_eq!(median_key(Vec::new()), None);
     }
 }

@@ -154,6 +154,16 @@ impl Metrics {
                 let _ = writeln!(out, "{}{{group=\"{g}\"}} {}", values[i].0, values[i].1);
             }
         }
+        let _ = writeln!(out, "# HELP floe_groups Group replicas on this node: running, or hibernating (dormant).");
+        let _ = writeln!(out, "# TYPE floe_groups gauge");
+        let _ = writeln!(out, "floe_groups{{state=\"active\"}} {}", host.group_ids().len());
+        let _ = writeln!(out, "floe_groups{{state=\"hibernating\"}} {}", host.dormant_ids().len());
+        let _ = writeln!(out, "# HELP floe_raft_messages_received_total Node-to-node messages this node received (raft, snapshots, forwarded requests).");
+        let _ = writeln!(out, "# TYPE floe_raft_messages_received_total counter");
+        let _ = writeln!(out, "floe_raft_messages_received_total {}", host.messages_received());
+        let _ = writeln!(out, "# HELP floe_group_wakes_total Dormant group replicas started again (hibernation wake-ups and first use after a restart).");
+        let _ = writeln!(out, "# TYPE floe_group_wakes_total counter");
+        let _ = writeln!(out, "floe_group_wakes_total {}", host.wakes());
         let stats = host.writer_stats();
         let _ = writeln!(out, "# HELP floe_log_syncs_total Synced log writes (fsyncs) and the batches they carried.");
         let _ = writeln!(out, "# TYPE floe_log_syncs_total counter");

@@ -8,10 +8,13 @@
 //!   is committed;
 //! - `lost-session`: a SESSION read ignores its token and serves local state;
 //! - `stale-bounded-read`: a BOUNDED_STALENESS read serves local state without a freshness
-//!   proof (an isolated follower answers from arbitrarily old state).
+//!   proof (an isolated follower answers from arbitrarily old state);
+//! - `split-drops-entry`: a split hands each child its data without the last write into the
+//!   child's range (as a split that copied the data one entry too early would).
 
 /// Names of the bugs that can be planted.
-pub const PLANTED_BUGS: &[&str] = &["stale-strong-read", "ack-before-commit", "lost-session", "stale-bounded-read"];
+pub const PLANTED_BUGS: &[&str] =
+    &["stale-strong-read", "ack-before-commit", "lost-session", "stale-bounded-read", "split-drops-entry"];
 
 #[cfg(feature = "planted-bugs")]
 static PLANTED: std::sync::Mutex<Option<String>> = std::sync::Mutex::new(None);

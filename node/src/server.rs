@@ -47,6 +47,8 @@ pub struct NodeConfig {
     pub cluster_id: String,
     pub limits: Limits,
     pub tuning: RaftTuning,
+    /// Thresholds of automatic splits and merges.
+    pub placement: crate::placement::PlacementConfig,
 }
 
 /// Why a node could not start.
@@ -145,11 +147,23 @@ pub async fn build_core(
 ) -> Result<(Arc<RaftHost>, Arc<NodeApi>), StartError> {
     let host_config =
         HostConfig { node_id: config.node_id, cluster_id: config.cluster_id.clone(), tuning: config.tuning.clone() };
-    let host = RaftHost::new(host_config, engine, writer, transport);
-    for g in [keys::META_GROUP, keys::FIRST_SHARD] {
-        host.start_group(g, keys::initial_group_range(g)).await.map_err(|e| StartError::Raft(e.to_string()))?;
+    let host = RaftHost::new(host_config, engine, writer, transport).map_err(|e| StartError::Raft(e.to_string()))?;
+    // A node that has never run anything and is one of the initial members starts the first
+    // shard empty (the bootstrapping node initializes it); every other group on disk stays
+    // dormant until a request or its leader wakes it.
+    let fresh = host.dormant_ids().is_empty();
+    host.start_group(keys::META_GROUP).await.map_err(|e| StartError::Raft(e.to_string()))?;
+    if fresh && config.join.is_none() {
+        host.start_group(keys::FIRST_SHARD).await.map_err(|e| StartError::Raft(e.to_string()))?;
     }
-    let api = Arc::new(NodeApi::new(config.node_id, config.limits, host.clone(), Arc::new(Metrics::new())));
+    let api = Arc::new(NodeApi::new(
+        config.node_id,
+        config.limits,
+        config.placement.clone(),
+        host.clone(),
+        Arc::new(Metrics::new()),
+    ));
+    crate::api::elastic::spawn_loops(&api);
     Ok((host, api))
 }
 
@@ -161,7 +175,8 @@ pub async fn bootstrap(config: &NodeConfig, host: &Arc<RaftHost>) -> Result<(), 
     }
     let members: BTreeMap<NodeId, BasicNode> =
         config.initial_cluster.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
-    for g in [keys::META_GROUP, keys::FIRST_SHARD] {
+    // The first shard may be gone since (merged away): only groups hosted here.
+    for g in [keys::META_GROUP, keys::FIRST_SHARD].into_iter().filter(|g| host.hosts(*g)) {
         let fresh = host.initialize(g, members.clone()).await.map_err(|e| StartError::Raft(e.to_string()))?;
         if fresh {
             tracing::info!(group = g, members = ?config.initial_cluster, "initialized raft group");
@@ -282,6 +297,7 @@ pub async fn register(config: NodeConfig, http: String, host: Arc<RaftHost>, sto
             epoch: 1,
             replicas: config.initial_cluster.keys().copied().collect(),
             replicas_at: 0,
+            merged: Vec::new(),
         };
         cmds.push(CatalogCommand::Bootstrap { cluster_id: config.cluster_id.clone(), nodes, shards: vec![shard] });
     }

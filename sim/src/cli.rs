@@ -120,10 +120,12 @@ pub struct RunArgs {
     /// Documents (registers) the clients share.
     #[arg(long, default_value_t = 4)]
     pub keys: u64,
-    /// Fault classes: `all`, `none`, or a comma list of crash, partition, cut, net, disk, pause.
+    /// Fault classes: `all`, `none`, or a comma list of crash, partition, cut, net, disk, pause,
+    /// elastic (shard splits and hibernation).
     #[arg(long, default_value = "all")]
     pub faults: String,
-    /// Plant a known bug (needs the `planted-bugs` feature): stale-strong-read, ack-before-commit.
+    /// Plant a known bug (needs the `planted-bugs` feature): stale-strong-read,
+    /// ack-before-commit, lost-session, stale-bounded-read, split-drops-entry.
     #[arg(long)]
     pub plant: Option<String>,
     /// Write each violating seed's history here as `seed-N.jsonl`.
@@ -169,7 +171,7 @@ pub fn run_seeds(args: &RunArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
         fault_total += report.faults;
         writeln!(
             out,
-            "seed {seed}: trace-hash: {:016x} events {} ops ok/fail/unknown {}/{}/{} eventual/bounded reads {}/{} bank transfers/reads {}/{} faults {} sim {:.1}s wall {:.2}s verdict {:?}",
+            "seed {seed}: trace-hash: {:016x} events {} ops ok/fail/unknown {}/{}/{} eventual/bounded reads {}/{} bank transfers/reads {}/{} splits/merges {}/{} hibernations {} faults {} sim {:.1}s wall {:.2}s verdict {:?}",
             report.trace_hash,
             report.trace_events,
             report.ops_ok,
@@ -179,6 +181,9 @@ pub fn run_seeds(args: &RunArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
             report.bounded_reads,
             report.bank_transfers_ok,
             report.bank_reads_ok,
+            report.splits,
+            report.merges,
+            report.hibernations,
             report.faults,
             report.sim_time.as_secs_f64(),
             report.wall_time.as_secs_f64(),

@@ -60,7 +60,7 @@ pub struct SimCluster {
     pub net: Arc<SimNet>,
 }
 
-fn node_config(id: u64, count: u64) -> NodeConfig {
+fn node_config(id: u64, count: u64, hibernate_after: Option<std::time::Duration>) -> NodeConfig {
     NodeConfig {
         node_id: id,
         grpc_addr: addr_of(id),
@@ -70,13 +70,19 @@ fn node_config(id: u64, count: u64) -> NodeConfig {
         join: None,
         cluster_id: "sim".into(),
         limits: Limits::default(),
-        tuning: RaftTuning { snapshot_logs_since_last: 200, logs_kept_after_snapshot: 50, ..RaftTuning::default() },
+        tuning: RaftTuning {
+            snapshot_logs_since_last: 200,
+            logs_kept_after_snapshot: 50,
+            hibernate_after,
+            ..RaftTuning::default()
+        },
+        placement: floe_node::placement::PlacementConfig::default(),
     }
 }
 
 impl SimCluster {
-    /// Creates `count` nodes (not started).
-    pub fn new(count: u64, net: Arc<SimNet>) -> Self {
+    /// Creates `count` nodes (not started); idle shards hibernate after `hibernate_after`.
+    pub fn new(count: u64, net: Arc<SimNet>, hibernate_after: Option<std::time::Duration>) -> Self {
         let nodes = (1..=count)
             .map(|id| {
                 (
@@ -86,7 +92,7 @@ impl SimCluster {
                         engine: Arc::new(MemEngine::new()),
                         disk_latency_us: Arc::default(),
                         running: None,
-                        config: node_config(id, count),
+                        config: node_config(id, count, hibernate_after),
                     },
                 )
             })

@@ -53,11 +53,21 @@ pub enum FaultKind {
     Disk,
     /// Stop polling every task of a node (SIGSTOP), then let it run on with a stale view.
     Pause,
+    /// The cluster's own actions: shard splits at random documents (through any node), and
+    /// hibernation of idle shards (a short `hibernate_after` for the run) with their wake-ups.
+    Elastic,
 }
 
 impl FaultKind {
-    pub const ALL: [FaultKind; 6] =
-        [FaultKind::Crash, FaultKind::Partition, FaultKind::Cut, FaultKind::Net, FaultKind::Disk, FaultKind::Pause];
+    pub const ALL: [FaultKind; 7] = [
+        FaultKind::Crash,
+        FaultKind::Partition,
+        FaultKind::Cut,
+        FaultKind::Net,
+        FaultKind::Disk,
+        FaultKind::Pause,
+        FaultKind::Elastic,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -67,6 +77,7 @@ impl FaultKind {
             FaultKind::Net => "net",
             FaultKind::Disk => "disk",
             FaultKind::Pause => "pause",
+            FaultKind::Elastic => "elastic",
         }
     }
 
@@ -80,7 +91,7 @@ impl FaultKind {
         let mut out = Vec::new();
         for part in text.split(',').map(str::trim) {
             let kind = Self::ALL.into_iter().find(|k| k.name() == part).ok_or_else(|| {
-                format!("unknown fault {part:?}; known: all, none, crash, partition, cut, net, disk, pause")
+                format!("unknown fault {part:?}; known: all, none, crash, partition, cut, net, disk, pause, elastic")
             })?;
             if !out.contains(&kind) {
                 out.push(kind);
@@ -134,6 +145,10 @@ pub struct RunReport {
     /// Bank transfers acknowledged and bank reads whose total was checked.
     pub bank_transfers_ok: u64,
     pub bank_reads_ok: u64,
+    /// Shard splits and merges that applied, and times a shard fell asleep on every replica.
+    pub splits: u64,
+    pub merges: u64,
+    pub hibernations: u64,
 }
 
 #[derive(Default)]
@@ -210,7 +225,11 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
     let trace = Arc::new(Trace::new());
     let mut master = ChaCha8Rng::seed_from_u64(config.seed);
     let net = SimNet::new(ChaCha8Rng::seed_from_u64(master.gen()), NetProfile::calm(), trace.clone());
-    let cluster = Arc::new(tokio::sync::Mutex::new(SimCluster::new(config.nodes, net.clone())));
+    // Elastic runs hibernate idle shards quickly, so shards sleep and wake during the run.
+    let hibernate_after =
+        config.faults.contains(&FaultKind::Elastic).then(|| Duration::from_millis(master.gen_range(200..3_000)));
+    trace.mark("faults", &format!("hibernate_after {hibernate_after:?}"), None);
+    let cluster = Arc::new(tokio::sync::Mutex::new(SimCluster::new(config.nodes, net.clone(), hibernate_after)));
     {
         let mut c = cluster.lock().await;
         for id in c.ids() {
@@ -223,14 +242,27 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
 
     let rec: Shared<Recorder> = Arc::default();
     let (done_tx, done_rx) = tokio::sync::watch::channel(false);
+    let splits: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+    let merges: Arc<std::sync::atomic::AtomicU64> = Arc::default();
     let faults = if !config.faults.is_empty() {
         let rng = ChaCha8Rng::seed_from_u64(master.gen());
-        Some(tokio::spawn(fault_loop(cluster.clone(), net.clone(), trace.clone(), rng, done_rx, config.faults.clone())))
+        Some(tokio::spawn(fault_loop(
+            cluster.clone(),
+            net.clone(),
+            trace.clone(),
+            rng,
+            done_rx,
+            config.faults.clone(),
+            config.keys,
+            splits.clone(),
+            merges.clone(),
+        )))
     } else {
         None
     };
     let (watch_stop_tx, watch_stop_rx) = tokio::sync::watch::channel(false);
-    let leaders = tokio::spawn(leader_watch(cluster.clone(), trace.clone(), watch_stop_rx));
+    let hibernations: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+    let leaders = tokio::spawn(leader_watch(cluster.clone(), trace.clone(), watch_stop_rx, hibernations.clone()));
     let per_client = config.ops.div_ceil(config.clients.max(1));
     let mut clients = Vec::new();
     for c in 0..config.clients {
@@ -326,6 +358,9 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
         bounded_reads,
         bank_transfers_ok,
         bank_reads_ok,
+        splits: splits.load(std::sync::atomic::Ordering::Relaxed),
+        merges: merges.load(std::sync::atomic::Ordering::Relaxed),
+        hibernations: hibernations.load(std::sync::atomic::Ordering::Relaxed),
     })
 }
 
@@ -778,33 +813,41 @@ async fn leader_watch(
     cluster: Arc<tokio::sync::Mutex<SimCluster>>,
     trace: Arc<Trace>,
     stop: tokio::sync::watch::Receiver<bool>,
+    hibernations: Arc<std::sync::atomic::AtomicU64>,
 ) {
-    let mut last: std::collections::BTreeMap<u64, Option<u64>> = std::collections::BTreeMap::new();
+    // Per group: the leader, or "asleep" when every running replica hibernates.
+    let mut last: std::collections::BTreeMap<u64, String> = std::collections::BTreeMap::new();
     while !*stop.borrow() {
-        let seen: Vec<(u64, Option<u64>)> = {
+        let seen: Vec<(u64, String)> = {
             let c = cluster.lock().await;
-            [floe_node::keys::META_GROUP, floe_node::keys::FIRST_SHARD]
+            hosted_groups(&c)
                 .iter()
                 .map(|g| {
+                    let hosts: Vec<&floe_node::raft::host::RaftHost> =
+                        c.nodes.values().filter_map(|n| Some(n.running.as_ref()?.host.as_ref())).collect();
+                    if hosts.iter().all(|h| h.is_dormant(*g)) {
+                        return (*g, "asleep".to_string());
+                    }
                     // The leader of the highest term any running replica knows of.
-                    let best = c
-                        .nodes
-                        .values()
-                        .filter_map(|n| n.running.as_ref()?.host.group(*g))
+                    let best = hosts
+                        .iter()
+                        .filter_map(|h| h.group(*g))
                         .map(|h| {
                             let m = h.raft.metrics().borrow().clone();
                             (m.current_term, m.current_leader)
                         })
                         .max();
-                    (*g, best.and_then(|b| b.1))
+                    (*g, best.and_then(|b| b.1).map(|l| format!("n{l}")).unwrap_or_else(|| "none".into()))
                 })
                 .collect()
         };
-        for (g, leader) in seen {
-            if last.get(&g) != Some(&leader) {
-                let who = leader.map(|l| format!("n{l}")).unwrap_or_else(|| "none".into());
-                trace.mark("leaders", &format!("group {g}: {who}"), None);
-                last.insert(g, leader);
+        for (g, state) in seen {
+            if last.get(&g) != Some(&state) {
+                if state == "asleep" {
+                    hibernations.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                trace.mark("leaders", &format!("group {g}: {state}"), None);
+                last.insert(g, state);
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -833,6 +876,26 @@ async fn do_cas(
     acked
 }
 
+/// Every group that any running node hosts (running or hibernated), in id order.
+fn hosted_groups(c: &SimCluster) -> std::collections::BTreeSet<u64> {
+    c.nodes
+        .values()
+        .filter_map(|n| n.running.as_ref())
+        .flat_map(|inc| inc.host.group_ids().into_iter().chain(inc.host.dormant_ids()))
+        .collect()
+}
+
+/// A split point for the elastic fault: one of the register documents (mostly) or a bank
+/// account.
+fn split_key(rng: &mut ChaCha8Rng, keys: u64) -> Vec<u8> {
+    let tenant = floe_node::docs::DEFAULT_TENANT;
+    if rng.gen_bool(0.8) {
+        floe_node::keys::doc_key(tenant, COLLECTION, &format!("k{}", rng.gen_range(0..keys.max(1))))
+    } else {
+        floe_node::keys::doc_key(tenant, BANK, &format!("a{}", rng.gen_range(0..ACCOUNTS)))
+    }
+}
+
 /// Injects one fault at a time until the workload is done; returns how many it injected.
 async fn fault_loop(
     cluster: Arc<tokio::sync::Mutex<SimCluster>>,
@@ -841,6 +904,9 @@ async fn fault_loop(
     mut rng: ChaCha8Rng,
     done: tokio::sync::watch::Receiver<bool>,
     kinds: Vec<FaultKind>,
+    keys: u64,
+    splits: Arc<std::sync::atomic::AtomicU64>,
+    merges: Arc<std::sync::atomic::AtomicU64>,
 ) -> u64 {
     let ids = cluster.lock().await.ids();
     let mut count = 0;
@@ -853,12 +919,16 @@ async fn fault_loop(
         let length = Duration::from_millis(rng.gen_range(500..4_000));
         count += 1;
         let kind = kinds[rng.gen_range(0..kinds.len())];
-        // Bias partitions toward the shard leader, where they hurt most.
+        // Bias partitions toward a shard leader, where they hurt most.
         let victim = if kind == FaultKind::Partition && rng.gen_bool(0.5) {
             let c = cluster.lock().await;
+            let shards: Vec<u64> =
+                hosted_groups(&c).into_iter().filter(|g| *g != floe_node::keys::META_GROUP).collect();
+            let shard =
+                shards.get(rng.gen_range(0..shards.len().max(1))).copied().unwrap_or(floe_node::keys::FIRST_SHARD);
             c.nodes
                 .values()
-                .filter_map(|n| n.running.as_ref()?.host.group(floe_node::keys::FIRST_SHARD)?.leader())
+                .filter_map(|n| n.running.as_ref()?.host.group(shard)?.leader())
                 .map(|l| l.0)
                 .next()
                 .unwrap_or(victim)
@@ -903,6 +973,64 @@ async fn fault_loop(
                 net.set_profile(profile);
                 tokio::time::sleep(length).await;
                 net.set_profile(NetProfile::calm());
+            }
+            FaultKind::Elastic if rng.gen_bool(0.35) => {
+                // Merge two adjacent shards, as the victim's catalog knows them.
+                let outcome = match endpoint_of(&cluster, victim).await {
+                    Some(ep) => {
+                        let pairs: Vec<(u64, u64)> = ep
+                            .api
+                            .catalog()
+                            .shard_map()
+                            .map(|m| {
+                                let mut shards: Vec<_> = m.shards.values().cloned().collect();
+                                shards.sort_by(|a, b| a.start.cmp(&b.start));
+                                shards
+                                    .windows(2)
+                                    .filter(|w| w[0].end == w[1].start)
+                                    .map(|w| (w[0].id, w[1].id))
+                                    .collect()
+                            })
+                            .unwrap_or_default();
+                        match pairs.get(rng.gen_range(0..pairs.len().max(1))).copied() {
+                            None => "no adjacent shards".to_string(),
+                            Some((l, r)) => {
+                                let done = call(&ep, move |api| async move { api.merge_shards(l, r).await }).await;
+                                match done {
+                                    Some(Ok(m)) => {
+                                        merges.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                        format!("{l}+{r}: ok, merged into {}", m.id)
+                                    }
+                                    Some(Err(e)) => format!("{l}+{r}: refused: {e}"),
+                                    None => format!("{l}+{r}: no answer"),
+                                }
+                            }
+                        }
+                    }
+                    None => "node down".to_string(),
+                };
+                trace.mark("faults", &format!("merge via n{victim}: {outcome}"), None);
+                tokio::time::sleep(length / 4).await;
+            }
+            FaultKind::Elastic => {
+                let key = split_key(&mut rng, keys);
+                let shown =
+                    floe_node::keys::parse_doc_key(&key).map(|(_, c, i)| format!("{c}/{i}")).unwrap_or_default();
+                let outcome = match endpoint_of(&cluster, victim).await {
+                    Some(ep) => match call(&ep, move |api| async move { api.split_at(vec![key]).await }).await {
+                        Some(Ok(done)) => {
+                            splits.fetch_add(done.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                            let children: Vec<u64> =
+                                done.iter().flat_map(|d| d.children.iter().map(|c| c.id)).collect();
+                            format!("ok, children {children:?}")
+                        }
+                        Some(Err(e)) => format!("refused: {e}"),
+                        None => "no answer".to_string(),
+                    },
+                    None => "node down".to_string(),
+                };
+                trace.mark("faults", &format!("split at {shown} via n{victim}: {outcome}"), None);
+                tokio::time::sleep(length / 4).await;
             }
             FaultKind::Pause => {
                 trace.mark("faults", &format!("pause n{victim} for={}ms", length.as_millis()), None);
@@ -973,7 +1101,41 @@ async fn final_reads(
     }
 }
 
-/// After heal: every replica applies everything and holds identical documents.
+/// One node's state after heal, for the convergence check.
+#[derive(Debug, PartialEq, Eq)]
+struct NodeView {
+    /// Every local replica: `(group, applied index, epoch, start, end)`.
+    replicas: Vec<(u64, u64, u64, Vec<u8>, Vec<u8>)>,
+    /// The node's catalog copy: `(group, epoch, start, end)`.
+    catalog: Vec<(u64, u64, Vec<u8>, Vec<u8>)>,
+    /// Merges the node's catalog still has a record of (none once every merge finished).
+    merges: usize,
+    /// Local replicas frozen or retired for a merge (none once every merge finished).
+    merging: usize,
+    /// Digest of every document on the node.
+    documents: u64,
+}
+
+impl NodeView {
+    /// True when the catalog lists each shard replica's epoch and range as applied, and no
+    /// merge is left unfinished.
+    fn catalog_agrees(&self) -> bool {
+        if self.merges > 0 || self.merging > 0 {
+            return false;
+        }
+        let shards: Vec<(u64, u64, Vec<u8>, Vec<u8>)> = self
+            .replicas
+            .iter()
+            .filter(|r| r.0 != floe_node::keys::META_GROUP)
+            .map(|(g, _, epoch, start, end)| (*g, *epoch, start.clone(), end.clone()))
+            .collect();
+        shards == self.catalog
+    }
+}
+
+/// After heal: every node hosts the same groups, every replica of a group applied the same
+/// index and agrees on its range and epoch, every node holds identical documents, and every
+/// node's catalog has each shard's range and epoch as its replicas applied them.
 async fn check_convergence(
     cluster: &tokio::sync::Mutex<SimCluster>,
     ids: &[u64],
@@ -982,27 +1144,43 @@ async fn check_convergence(
 ) {
     let deadline = tokio::time::Instant::now() + HEAL_TIMEOUT;
     loop {
-        let digests: Vec<(u64, u64, u64)> = {
+        let views: Vec<(u64, NodeView)> = {
             let c = cluster.lock().await;
             ids.iter()
                 .filter_map(|id| {
                     let node = c.nodes.get(id)?;
-                    let applied = node.running.as_ref()?.host.group(floe_node::keys::FIRST_SHARD)?.applied_index();
+                    let host = &node.running.as_ref()?.host;
+                    let replicas = host
+                        .local
+                        .all()
+                        .into_iter()
+                        .map(|s| (s.id, host.applied_index(s.id), s.epoch, s.start, s.end))
+                        .collect();
+                    let catalog = host
+                        .catalog
+                        .shard_map()
+                        .ok()?
+                        .shards
+                        .values()
+                        .map(|s| (s.id, s.epoch, s.start.clone(), s.end.clone()))
+                        .collect();
+                    let merges = host.catalog.merges().ok()?.len();
+                    let merging = host.local.all().iter().filter(|s| s.merging_into().is_some()).count();
                     let pairs = node.engine.scan(Cf::Data, &[floe_node::keys::DOC_PREFIX], &[], usize::MAX).ok()?;
-                    let digest = pairs.iter().fold(0u64, |h, (k, v)| fnv1a(fnv1a(h, k), v));
-                    Some((*id, applied, digest))
+                    let documents = pairs.iter().fold(0u64, |h, (k, v)| fnv1a(fnv1a(h, k), v));
+                    Some((*id, NodeView { replicas, catalog, merges, merging, documents }))
                 })
                 .collect()
         };
-        let converged = digests.len() == ids.len() && digests.windows(2).all(|w| w[0].1 == w[1].1 && w[0].2 == w[1].2);
+        let converged = views.len() == ids.len()
+            && views.windows(2).all(|w| w[0].1 == w[1].1)
+            && views.iter().all(|(_, v)| v.catalog_agrees());
         if converged {
-            trace.record(&format!("converged {digests:?}"));
+            trace.record(&format!("converged {views:?}"));
             return;
         }
         if tokio::time::Instant::now() > deadline {
-            violations.push(format!(
-                "replicas did not converge within {HEAL_TIMEOUT:?}: (node, applied, digest) = {digests:?}"
-            ));
+            violations.push(format!("replicas did not converge within {HEAL_TIMEOUT:?}: {views:?}"));
             return;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;

@@ -61,6 +61,25 @@ fn bounded_seed_range_passes_all_checks() {
     }
 }
 
+/// The cluster's own actions under faults: shards split (through any node) and hibernate and
+/// wake while clients run and nodes crash and get cut off; every check stays green, and the
+/// schedule has teeth (splits applied, shards fell asleep on every replica).
+#[test]
+fn elastic_actions_mixed_with_faults_pass_all_checks() {
+    use floe_sim::run::FaultKind;
+    let (mut splits, mut hibernations) = (0, 0);
+    for seed in 0..12u64 {
+        let faults = vec![FaultKind::Elastic, FaultKind::Crash, FaultKind::Partition, FaultKind::Net];
+        let r = run_seed(&RunConfig { seed, ops: 800, faults, ..RunConfig::default() }).expect("run");
+        assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
+        assert_ne!(r.verdict, floe_sim::linearizability::Verdict::NotLinearizable, "seed {seed}");
+        splits += r.splits;
+        hibernations += r.hibernations;
+    }
+    assert!(splits >= 6, "only {splits} splits applied in 12 seeds");
+    assert!(hibernations >= 6, "shards fell asleep only {hibernations} times in 12 seeds");
+}
+
 /// Regression (seeds 200 and 366, 500 ops): a client read in flight on a node that crashed
 /// completed with data from the crashed node's rolled-back engine. A killed process answers
 /// nothing; the simulator now abandons calls on a killed incarnation (outcome unknown).
@@ -87,6 +106,10 @@ mod planted {
 
     /// Runs up to 100 seeds with `bug` planted; returns the first seed that caught it.
     fn first_catch(bug: &str) -> Option<u64> {
+        first_catch_with(bug, config)
+    }
+
+    fn first_catch_with(bug: &str, config: impl Fn(u64) -> RunConfig) -> Option<u64> {
         floe_node::planted::plant(Some(bug)).expect("plant");
         let caught = (0..100u64).find(|seed| {
             let r = run_seed(&config(*seed)).expect("run");
@@ -94,6 +117,20 @@ mod planted {
         });
         floe_node::planted::plant(None).expect("unplant");
         caught
+    }
+
+    #[test]
+    fn planted_split_drops_entry_is_caught() {
+        let elastic = |seed| RunConfig {
+            seed,
+            ops: 400,
+            faults: vec![floe_sim::run::FaultKind::Elastic],
+            ..RunConfig::default()
+        };
+        assert!(
+            first_catch_with("split-drops-entry", elastic).is_some(),
+            "100 seeds missed a split that loses a write"
+        );
     }
 
     #[test]

@@ -60,12 +60,17 @@ pub fn consistency(read: Option<&pb::ReadOptions>) -> Result<ReadConsistency, Ap
 
 fn meta(m: ResponseMeta) -> Option<pb::ResponseMeta> {
     let (leader_node, leader_grpc_addr) = m.leader.unwrap_or((0, String::new()));
+    let shard = m.shard.unwrap_or_else(|| crate::shard::GroupState::initial(0, (Vec::new(), Vec::new())));
     Some(pb::ResponseMeta {
         session_token: m.session_token,
         request_units: m.request_units,
         served_by_node: m.served_by,
         leader_node,
         leader_grpc_addr,
+        shard_id: shard.id,
+        shard_epoch: if shard.id == 0 { 0 } else { shard.epoch },
+        shard_start: shard.start,
+        shard_end: shard.end,
     })
 }
 
@@ -339,6 +344,46 @@ impl Admin for GrpcApi {
             .collect();
         let out = Ok(pb::ReplicaStatusResponse { node_id: self.api.node_id, replicas });
         self.finish("replica_status", started, out)
+    }
+
+    async fn merge_shards(
+        &self,
+        req: Request<pb::MergeShardsRequest>,
+    ) -> Result<Response<pb::MergeShardsResponse>, Status> {
+        let started = Instant::now();
+        let r = req.into_inner();
+        let out = self
+            .api
+            .merge_shards(r.left, r.right)
+            .await
+            .map(|g| pb::MergeShardsResponse { merged: Some(shard_status(&g)) });
+        self.finish("merge_shards", started, out)
+    }
+
+    async fn split_shard(
+        &self,
+        req: Request<pb::SplitShardRequest>,
+    ) -> Result<Response<pb::SplitShardResponse>, Status> {
+        let started = Instant::now();
+        let r = req.into_inner();
+        let out = self.api.split(r.shard_id, &r.tenant, &r.collection, &r.ids).await.map(|done| {
+            let shards =
+                done.iter().flat_map(|d| std::iter::once(&d.parent).chain(&d.children)).map(shard_status).collect();
+            pb::SplitShardResponse { shards }
+        });
+        self.finish("split_shard", started, out)
+    }
+}
+
+/// A shard as a split or merge applied it.
+fn shard_status(g: &crate::shard::GroupState) -> pb::ShardStatus {
+    pb::ShardStatus {
+        id: g.id,
+        start_hex: crate::keys::to_hex(&g.start),
+        end_hex: crate::keys::to_hex(&g.end),
+        epoch: g.epoch,
+        state: "active".into(),
+        ..Default::default()
     }
 }
 

@@ -993,6 +993,7 @@ mod tests {
                     epoch: 3,
                     replicas: vec![1],
                     replicas_at: 0,
+                    merged: vec![],
                 },
                 leader: None,
                 state: "active",

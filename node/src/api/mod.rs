@@ -5,6 +5,13 @@
 //! key to its shard, the read paths per consistency level, session tokens and request units.
 //! tonic (`grpc.rs`) and axum (`http.rs`) only translate to and from these types.
 //!
+//! Routing: a key goes to the shard that the newest description owns it in, taken from this
+//! node's copy of the catalog and from its own replicas' applied states (after a split a
+//! replica knows before the catalog does). A stale route is never applied to the wrong shard:
+//! a write is refused by apply (`WrongGroup`, certainly not applied) and re-routed; a read
+//! re-checks, once its position is applied, that the shard still owns the key, else re-routes
+//! (DESIGN invariant 7).
+//!
 //! Invariants:
 //! - every write is validated before it is proposed, and re-checked by apply (patches);
 //! - a STRONG read returns state at least as new as every write acknowledged before it
@@ -16,6 +23,7 @@
 //! - a SESSION read returns state at or after its token's position;
 //! - an EVENTUAL read returns this replica's applied state, no waiting.
 
+pub mod elastic;
 pub mod error;
 pub mod grpc;
 pub mod http;
@@ -26,11 +34,10 @@ pub use error::ApiError;
 use crate::catalog::{CatalogCommand, CatalogReader, CatalogResponse, CollectionInfo, NodeInfo, ShardDesc};
 use crate::docs::{self, limits, DocAction, DocBatch, DocOp, DocWriteResult, Limits, StoredDoc};
 use crate::keys;
-use crate::load::RateMeter;
+use crate::load::GroupLoad;
 use crate::metrics::Metrics;
 use crate::raft::host::{BoundedPath, RaftHost};
 use crate::raft::types::{Command, CommandResponse, GroupId, NodeId};
-use crate::storage::engine::in_range;
 use crate::storage::Cf;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -83,6 +90,8 @@ pub struct ResponseMeta {
     pub served_by: NodeId,
     /// The group leader as this node knows it.
     pub leader: Option<(NodeId, String)>,
+    /// The shard that served the request as this node's replica applied it.
+    pub shard: Option<crate::shard::GroupState>,
 }
 
 /// One write of a batch, as received (validated by `NodeApi`).
@@ -145,7 +154,9 @@ pub struct NodeApi {
     host: Arc<RaftHost>,
     catalog: CatalogReader,
     pub metrics: Arc<Metrics>,
-    load: Mutex<BTreeMap<GroupId, RateMeter>>,
+    /// Thresholds of the placement driver (used when this node leads the meta group).
+    pub placement: crate::placement::PlacementConfig,
+    load: Mutex<BTreeMap<GroupId, GroupLoad>>,
     /// Request ids: `node-nonce-counter`, unique across restarts (the nonce is random).
     request_nonce: u64,
     request_counter: std::sync::atomic::AtomicU64,
@@ -160,8 +171,14 @@ fn tenant_or_default(t: &str) -> &str {
 }
 
 impl NodeApi {
-    pub fn new(node_id: NodeId, limits: Limits, host: Arc<RaftHost>, metrics: Arc<Metrics>) -> Self {
-        let catalog = CatalogReader::new(host.engine().clone());
+    pub fn new(
+        node_id: NodeId,
+        limits: Limits,
+        placement: crate::placement::PlacementConfig,
+        host: Arc<RaftHost>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        let catalog = host.catalog.clone();
         let request_nonce = rand::RngCore::next_u64(&mut crate::raft::runtime::FloeRng);
         Self {
             node_id,
@@ -169,6 +186,7 @@ impl NodeApi {
             host,
             catalog,
             metrics,
+            placement,
             load: Mutex::new(BTreeMap::new()),
             request_nonce,
             request_counter: std::sync::atomic::AtomicU64::new(0),
@@ -183,24 +201,56 @@ impl NodeApi {
         &self.catalog
     }
 
-    fn record_load(&self, group: GroupId) {
+    fn record_load(&self, group: GroupId, key: &[u8]) {
         if let Ok(mut l) = self.load.lock() {
-            l.entry(group).or_default().record(tokio::time::Instant::now());
+            l.entry(group).or_default().record(tokio::time::Instant::now(), key);
         }
     }
 
-    /// The shard owning `key`, from this node's replica of the shard map.
-    fn route(&self, key: &[u8]) -> Result<GroupId, ApiError> {
-        let shards = self.catalog.shards()?;
-        shards.iter().find(|s| in_range(key, &s.start, &s.end)).map(|s| s.id).ok_or_else(|| ApiError::Unavailable {
+    /// Request rates and sampled keys of every group this node served recently.
+    pub fn load_snapshot(&self) -> Vec<(GroupId, f64, Vec<Vec<u8>>)> {
+        let now = tokio::time::Instant::now();
+        let Ok(mut l) = self.load.lock() else { return Vec::new() };
+        l.retain(|_, g| g.rate_per_s(now) > 0.0);
+        l.iter_mut().map(|(g, load)| (*g, load.rate_per_s(now), load.sampled_keys())).collect()
+    }
+
+    /// The shard owning `key`: the newest (highest epoch) of what this node's catalog copy
+    /// and its own replicas say.
+    pub fn route(&self, key: &[u8]) -> Result<GroupId, ApiError> {
+        let catalog = self.catalog.shard_map()?.ranges.lookup(key);
+        let local = self.host.local.range_map().lookup(key).filter(|(g, _)| *g != keys::META_GROUP);
+        let newest = match (catalog, local) {
+            (Some(c), Some(l)) => Some(if l.1 > c.1 { l } else { c }),
+            (c, l) => c.or(l),
+        };
+        newest.map(|(g, _)| g).ok_or_else(|| ApiError::Unavailable {
             message: "the shard map is not known on this node yet (cluster still starting)".into(),
             retry_safe: true,
         })
     }
 
+    /// True when this node's replica of `group` owns `key` at what it has applied.
+    fn replica_owns(&self, group: GroupId, key: &[u8]) -> bool {
+        self.host.local.get(group).is_some_and(|s| s.contains(key))
+    }
+
+    /// Before re-routing after the shard map changed under a request: a short, growing pause
+    /// (the catalog and local replicas catch up), or the final retryable error.
+    async fn before_reroute(&self, attempt: u32, what: &str) -> Result<(), ApiError> {
+        if attempt + 1 >= ROUTE_ATTEMPTS_MAX {
+            return Err(ApiError::Unavailable {
+                message: format!("{what}: the shard map kept changing during the request; retry"),
+                retry_safe: true,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(5u64 << attempt.min(6))).await;
+        Ok(())
+    }
+
     /// This replica's applied index of `group` (0 when the group is not hosted here).
     fn applied_index(&self, group: GroupId) -> u64 {
-        self.host.group(group).map(|g| g.applied_index()).unwrap_or(0)
+        self.host.applied_index(group)
     }
 
     /// The session position a read reflects. The replica may have applied past the read's
@@ -218,6 +268,7 @@ impl NodeApi {
             request_units: units,
             served_by: self.node_id,
             leader,
+            shard: self.host.local.get(group),
         }
     }
 
@@ -257,6 +308,15 @@ impl NodeApi {
     /// found (`floe_read_paths_total`).
     async fn read_position(&self, group: GroupId, consistency: &ReadConsistency) -> Result<u64, ApiError> {
         let leads = self.host.group(group).is_some_and(|g| g.is_leader());
+        if *consistency != ReadConsistency::Eventual && !self.host.hosts(group) {
+            return Err(ApiError::Unavailable {
+                message: format!(
+                    "shard {group} has no replica on node {}; send the request to one of its replicas",
+                    self.node_id
+                ),
+                retry_safe: true,
+            });
+        }
         let through_leader = if leads { "read_index" } else { "forwarded" };
         let (position, path) = match consistency {
             ReadConsistency::Strong if crate::planted::is_planted("stale-strong-read") => {
@@ -306,12 +366,21 @@ impl NodeApi {
         if crate::planted::is_planted("lost-session") {
             return Ok((self.applied_index(group), Some("local")));
         }
+        // A token of the shard this one was split from (or merged from) covers it up to the
+        // split (the merge): this replica's state started there.
+        let covered =
+            self.host.local.get(group).is_some_and(|s| {
+                s.covers().any(|(parent, at)| positions.iter().any(|(g, i)| *g == parent && *i <= at))
+            });
+        if covered && !positions.iter().any(|(g, _)| *g == group) {
+            return Ok((self.applied_index(group), Some("local")));
+        }
         // A token without this group (e.g. the key's range moved to another group since the
         // client saw it) falls back to a linearizable position: always at least as new.
         let Some(&(_, index)) = positions.iter().find(|(g, _)| *g == group) else {
             return Ok((self.host.linearizable_position(group).await?, None));
         };
-        match self.host.group(group) {
+        match self.host.wake(group).await.ok() {
             Some(g) if g.applied_index() >= index => Ok((g.applied_index(), Some("local"))),
             Some(g) if g.wait_applied(index, SESSION_WAIT).await => Ok((g.applied_index(), Some("waited"))),
             _ => Ok((self.host.linearizable_position(group).await?, None)),
@@ -340,10 +409,22 @@ impl NodeApi {
         // with the meta leader (a lagging replica may not know a new collection yet).
         let strong = *consistency != ReadConsistency::Eventual;
         self.require_collection(tenant, collection, strong).await?;
-        let group = self.route(&keys::doc_key(tenant, collection, id))?;
+        let key = keys::doc_key(tenant, collection, id);
+        let mut attempt = 0;
+        let (group, position) = loop {
+            let group = self.route(&key)?;
+            self.record_load(group, &key);
+            let position = self.read_position(group, consistency).await?;
+            // Once the position is applied, the shard must still own the key: a split or
+            // merge applied meanwhile hands it to another shard.
+            if self.replica_owns(group, &key) || (*consistency == ReadConsistency::Eventual && !self.host.hosts(group))
+            {
+                break (group, position);
+            }
+            self.before_reroute(attempt, &format!("reading {collection}/{id}")).await?;
+            attempt += 1;
+        };
         tracing::Span::current().record("shard", group);
-        self.record_load(group);
-        let position = self.read_position(group, consistency).await?;
         match self.read_doc(tenant, collection, id)? {
             Some(doc) => {
                 let units = read_units(doc.json.len());
@@ -379,18 +460,30 @@ impl NodeApi {
         }
         let strong = *consistency != ReadConsistency::Eventual;
         self.require_collection(tenant, collection, strong).await?;
-        // Group ids by shard and take one read position per shard.
-        let mut positions: BTreeMap<GroupId, u64> = BTreeMap::new();
-        for id in ids {
-            let g = self.route(&keys::doc_key(tenant, collection, id))?;
-            if let std::collections::btree_map::Entry::Vacant(slot) = positions.entry(g) {
-                self.record_load(g);
-                slot.insert(self.read_position(g, consistency).await?);
-            }
-        }
-        // One consistent read of every key: a batch applied meanwhile is seen whole or not
-        // at all (a shard applies each entry atomically).
         let keys: Vec<Vec<u8>> = ids.iter().map(|id| keys::doc_key(tenant, collection, id)).collect();
+        // Scatter: group keys by shard and take one read position per shard; then re-check
+        // that every shard still owns its keys (else re-route them all).
+        let mut attempt = 0;
+        let positions = loop {
+            let mut positions: BTreeMap<GroupId, u64> = BTreeMap::new();
+            let mut owners = Vec::with_capacity(keys.len());
+            for key in &keys {
+                let g = self.route(key)?;
+                owners.push(g);
+                if let std::collections::btree_map::Entry::Vacant(slot) = positions.entry(g) {
+                    self.record_load(g, key);
+                    slot.insert(self.read_position(g, consistency).await?);
+                }
+            }
+            let eventual = *consistency == ReadConsistency::Eventual;
+            if keys.iter().zip(&owners).all(|(k, g)| self.replica_owns(*g, k) || (eventual && !self.host.hosts(*g))) {
+                break positions;
+            }
+            self.before_reroute(attempt, "batch get").await?;
+            attempt += 1;
+        };
+        // Gather with one consistent read of every key: a batch applied meanwhile is seen
+        // whole or not at all (a shard applies each entry atomically).
         let values = self.host.engine().multi_get(Cf::Data, &keys)?;
         let mut out = Vec::with_capacity(ids.len());
         let mut bytes = 0;
@@ -464,46 +557,70 @@ impl NodeApi {
             };
             ops.push(op);
         }
-        let mut group = None;
-        for op in &ops {
-            let g = self.route(&keys::doc_key(&tenant, &op.collection, &op.id))?;
-            if group.is_some_and(|prev| prev != g) {
-                return Err(ApiError::invalid("invalid_batch", "an atomic batch must stay within one shard"));
-            }
-            group = Some(g);
-        }
-        let group = group.unwrap_or(keys::FIRST_SHARD);
-        let span = tracing::Span::current();
-        span.record("shard", group);
         if let Some(first) = ops.first() {
-            span.record("collection", first.collection.as_str());
+            tracing::Span::current().record("collection", first.collection.as_str());
         }
         let collections: std::collections::BTreeSet<&str> = ops.iter().map(|o| o.collection.as_str()).collect();
         for c in collections {
             self.ensure_collection(&tenant, c).await?;
         }
-        self.record_load(group);
+        let keys: Vec<Vec<u8>> = ops.iter().map(|op| keys::doc_key(&tenant, &op.collection, &op.id)).collect();
         let n = self.request_counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // One id for every attempt: a refusal by apply (`WrongGroup`) is definite, and the id
+        // is deduplicated per shard.
         let request_id = Some(format!("{:x}-{:x}-{n:x}", self.node_id, self.request_nonce));
         let batch = DocBatch { tenant, ops, limits: self.limits, request_id };
-        if crate::planted::is_planted("ack-before-commit") {
-            return Ok(self.ack_before_commit(group, batch, bytes));
-        }
-        let (index, resp) = self.host.propose_docs(group, batch).await?;
-        match resp {
-            CommandResponse::Docs(Ok(results)) => {
-                let units = write_units(bytes);
-                Ok((results, self.meta_for(group, index, units)))
+        let mut attempt = 0;
+        loop {
+            let mut group = None;
+            for key in &keys {
+                let g = self.route(key)?;
+                if group.is_some_and(|prev| prev != g) {
+                    return Err(ApiError::invalid(
+                        "cross_shard_batch",
+                        "an atomic batch must stay within one shard, and these documents are in different shards",
+                    ));
+                }
+                group = Some(g);
             }
-            CommandResponse::Docs(Err(e)) => {
-                let api = ApiError::from(e.error.clone());
-                Err(if many { prefix_batch_error(api, e.op_index) } else { api })
+            let group = group.unwrap_or(keys::FIRST_SHARD);
+            tracing::Span::current().record("shard", group);
+            if let Some(key) = keys.first() {
+                self.record_load(group, key);
             }
-            CommandResponse::WrongGroup(m) => {
-                Err(ApiError::Unavailable { message: format!("shard map changed: {m}"), retry_safe: true })
+            if crate::planted::is_planted("ack-before-commit") {
+                return Ok(self.ack_before_commit(group, batch, bytes));
             }
-            CommandResponse::Retry(m) => Err(ApiError::Unavailable { message: m, retry_safe: true }),
-            other => Err(ApiError::Internal { message: format!("unexpected apply result {other:?}") }),
+            let (index, resp) = self.host.propose_docs(group, batch.clone()).await?;
+            return match resp {
+                CommandResponse::Docs(Ok(results)) => {
+                    let units = write_units(bytes);
+                    Ok((results, self.meta_for(group, index, units)))
+                }
+                CommandResponse::Docs(Err(e)) => {
+                    let api = ApiError::from(e.error.clone());
+                    Err(if many { prefix_batch_error(api, e.op_index) } else { api })
+                }
+                CommandResponse::WrongGroup(m) => {
+                    // The shard no longer owns a key (a split applied before this entry):
+                    // certainly not applied. Let this node's replica reach that entry, so its
+                    // own state routes the retry.
+                    if let Some(h) = self.host.group(group) {
+                        h.wait_applied(index, Duration::from_millis(200)).await;
+                    }
+                    self.before_reroute(attempt, &format!("writing ({m})")).await?;
+                    attempt += 1;
+                    continue;
+                }
+                CommandResponse::Retry(m) => {
+                    // Certainly not applied (a shard being merged, or a batch of one log entry
+                    // overlapping another): try again shortly, re-routed.
+                    self.before_reroute(attempt, &format!("writing ({m})")).await?;
+                    attempt += 1;
+                    continue;
+                }
+                other => Err(ApiError::Internal { message: format!("unexpected apply result {other:?}") }),
+            };
         }
     }
 
@@ -558,9 +675,15 @@ impl NodeApi {
             CatalogResponse::CollectionDropped { existed } => existed,
             other => return Err(ApiError::Internal { message: format!("unexpected catalog result {other:?}") }),
         };
-        for shard in self.catalog.shards()? {
-            let cmd = Command::DropCollectionData { tenant: tenant.into(), collection: name.into() };
-            self.host.propose(shard.id, cmd).await?;
+        let prefix = keys::collection_prefix(tenant, name);
+        let end = crate::storage::engine::prefix_end(&prefix);
+        for shard in self.catalog.shard_map()?.shards.values() {
+            let overlaps = crate::shard::GroupState::initial(shard.id, (shard.start.clone(), shard.end.clone()))
+                .overlaps(&prefix, &end);
+            if overlaps {
+                let cmd = Command::DropCollectionData { tenant: tenant.into(), collection: name.into() };
+                self.host.propose(shard.id, cmd).await?;
+            }
         }
         Ok(existed)
     }
@@ -577,23 +700,26 @@ impl NodeApi {
             })
             .collect();
         let now = tokio::time::Instant::now();
+        let cluster_load = self.host.cluster_load();
         let shards = self
             .catalog
-            .shards()?
-            .into_iter()
+            .shard_map()?
+            .shards
+            .values()
+            .cloned()
             .map(|desc| {
                 let g = self.host.group(desc.id);
-                let qps = self
+                let local_qps = self
                     .load
                     .lock()
                     .ok()
                     .and_then(|mut l| l.get_mut(&desc.id).map(|m| m.rate_per_s(now)))
                     .unwrap_or(0.0);
                 ShardStatus {
-                    leader: g.as_ref().and_then(|g| g.leader()).map(|l| l.0),
-                    applied_index: g.as_ref().map(|g| g.applied_index()).unwrap_or(0),
-                    state: "active",
-                    qps,
+                    leader: g.as_ref().and_then(|g| g.leader()).map(|l| l.0).or_else(|| self.host.last_leader(desc.id)),
+                    applied_index: self.host.applied_index(desc.id),
+                    state: if self.host.is_dormant(desc.id) { "hibernating" } else { "active" },
+                    qps: cluster_load.get(&desc.id).map(|l| l.qps).unwrap_or(local_qps),
                     desc,
                 }
             })
@@ -602,12 +728,13 @@ impl NodeApi {
         Ok(ClusterStatus { answered_by: self.node_id, meta_leader, nodes, shards })
     }
 
-    /// True once this node can serve: its meta replica knows the shard map and every shard
-    /// group hosted here has a leader.
+    /// True once this node can serve: its meta replica knows the shard map, the meta group
+    /// has a leader, and every shard group running here has one (hibernated groups wake on
+    /// the first request).
     pub fn is_ready(&self) -> bool {
-        let Ok(shards) = self.catalog.shards() else { return false };
-        !shards.is_empty()
-            && shards.iter().all(|s| self.host.group(s.id).is_some_and(|g| g.leader().is_some()))
+        let Ok(map) = self.catalog.shard_map() else { return false };
+        !map.shards.is_empty()
+            && map.shards.keys().all(|id| self.host.group(*id).is_none_or(|g| g.leader().is_some()))
             && self.host.group(keys::META_GROUP).is_some_and(|g| g.leader().is_some())
     }
 
@@ -623,6 +750,9 @@ fn doc_view(collection: &str, id: &str, stored: &[u8]) -> Result<DocView, ApiErr
         .ok_or_else(|| ApiError::Internal { message: format!("stored document {collection}/{id} is corrupt") })?;
     Ok(DocView { collection: collection.into(), id: id.into(), version: d.version, json: d.json })
 }
+
+/// Bound on re-routing one request after the shard map changed under it.
+pub const ROUTE_ATTEMPTS_MAX: u32 = 8;
 
 /// How long a replica waits to catch up to a session token before forwarding.
 pub const SESSION_WAIT: Duration = Duration::from_millis(500);

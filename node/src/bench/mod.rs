@@ -179,6 +179,10 @@ pub struct BenchArgs {
     /// Write the JSON report to this file.
     #[arg(long, env = "FLOE_BENCH_JSON")]
     pub json: Option<PathBuf>,
+    /// Before the measured phase, split the key range into this many shards at evenly spaced
+    /// keys (keys that already start a shard are left alone); 0 or 1: leave the shards.
+    #[arg(long, env = "FLOE_BENCH_PRESPLIT", default_value_t = 0)]
+    pub presplit: u64,
 }
 
 /// Validated settings; serialized as the report's `config`.
@@ -205,6 +209,7 @@ pub struct BenchConfig {
     pub preload: PreloadMode,
     pub preload_timeout_s: f64,
     pub server_pids: Vec<u32>,
+    pub presplit: u64,
     pub collection: &'static str,
     /// Version of the `floe` binary that ran the benchmark.
     pub tool_version: &'static str,
@@ -291,6 +296,11 @@ impl BenchConfig {
             preload: args.preload,
             preload_timeout_s: preload_timeout.as_secs_f64(),
             server_pids: args.server_pids,
+            presplit: if args.presplit > args.keys {
+                bail!("--presplit {} exceeds --keys {}", args.presplit, args.keys)
+            } else {
+                args.presplit
+            },
             collection: COLLECTION,
             tool_version: env!("CARGO_PKG_VERSION"),
         })
@@ -392,9 +402,18 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         probe_read(&config, &conns[0], &preload.session_token).await?;
     }
 
+    if config.presplit > 1 {
+        presplit(&config, answering[0]).await?;
+    }
+    // Shards over time: a split under load shows up here (hot workload, low --split-qps).
+    let (stop_poll, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let poller = tokio::spawn(poll_shards(conns[0].clone(), stop_rx));
     let phase = clients::run(&config, &conns, &value, preload.session_token.clone()).await?;
+    let _ = stop_poll.send(());
+    let timeline_shards = poller.await.unwrap_or_default();
 
-    let report = Report::new(config, servers, preload.report, &phase.recorder, phase.elapsed, phase.cpu)?;
+    let mut report = Report::new(config, servers, preload.report, &phase.recorder, phase.elapsed, phase.cpu)?;
+    report.timeline_shards = timeline_shards;
     print!("{}", report.table());
     if let Some(path) = &json_path {
         std::fs::write(path, report.to_json()? + "\n").with_context(|| format!("writing {}", path.display()))?;
@@ -405,6 +424,43 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         bail!("no operation succeeded ({errors} errors)");
     }
     Ok(())
+}
+
+/// Splits the key range into `config.presplit` shards at evenly spaced keys.
+async fn presplit(config: &BenchConfig, endpoint: &str) -> Result<()> {
+    let ids: Vec<String> = (1..config.presplit).map(|i| keys::key_name(i * config.keys / config.presplit)).collect();
+    let admin = Client::builder()
+        .endpoint(endpoint)
+        .request_timeout(Duration::from_secs(300))
+        .build()
+        .context("presplit client")?;
+    let started = std::time::Instant::now();
+    // Split at the keys not already starting a shard, one request of at most 1,000 keys each.
+    let status = admin.cluster_status().await.context("presplit: ClusterStatus")?;
+    let starts: std::collections::BTreeSet<String> = status.shards.iter().map(|s| s.start_hex.clone()).collect();
+    let todo: Vec<&str> = ids
+        .iter()
+        .filter(|id| !starts.contains(&crate::keys::to_hex(&floe_client::doc_key("", COLLECTION, id))))
+        .map(String::as_str)
+        .collect();
+    for chunk in todo.chunks(1_000) {
+        admin.split_at(COLLECTION, chunk).await.context("presplit")?;
+    }
+    eprintln!("presplit: {} new shards in {:.1} s", todo.len(), started.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The cluster's shard count once a second until `stop` fires.
+async fn poll_shards(client: Client, mut stop: tokio::sync::oneshot::Receiver<()>) -> Vec<u64> {
+    let mut counts = Vec::new();
+    loop {
+        let shards = client.cluster_status().await.map(|s| s.shards.len() as u64).unwrap_or(0);
+        counts.push(shards);
+        tokio::select! {
+            _ = &mut stop => return counts,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
 }
 
 /// One get of key 0 at the configured consistency, so a level the server does not offer (or

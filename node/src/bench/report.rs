@@ -248,6 +248,9 @@ pub struct Report {
     pub timeline_ops_per_s: Vec<u64>,
     /// `None` where `/proc` is unreadable.
     pub cpu: Option<CpuReport>,
+    /// The cluster's shard count sampled once a second during the measured phase (shows
+    /// splits happening under load).
+    pub timeline_shards: Vec<u64>,
     /// Up to `ERROR_SAMPLES_MAX` distinct error messages.
     pub error_samples: Vec<String>,
 }
@@ -272,6 +275,7 @@ impl Report {
             ops: OpsReport { get: recorder.get.to_report(elapsed_s), put: recorder.put.to_report(elapsed_s) },
             timeline_ops_per_s: recorder.timeline.clone(),
             cpu,
+            timeline_shards: Vec::new(),
             error_samples: recorder.error_samples.clone(),
         })
     }
@@ -303,6 +307,17 @@ impl Report {
             "skipped".to_string()
         };
         let _ = writeln!(out, "preload: {preload} ({}) | measured: {:.2} s", self.preload.reason, self.elapsed_s);
+        if let (Some(first), Some(last)) = (self.timeline_shards.first(), self.timeline_shards.last()) {
+            let changes: Vec<String> = self
+                .timeline_shards
+                .windows(2)
+                .enumerate()
+                .filter(|(_, w)| w[0] != w[1])
+                .map(|(t, w)| format!("{} at {} s", w[1], t + 1))
+                .collect();
+            let changes = if changes.is_empty() { String::new() } else { format!(" ({})", changes.join(", ")) };
+            let _ = writeln!(out, "shards: {first} -> {last}{changes}");
+        }
         let _ = writeln!(
             out,
             "{:<6} {:>10} {:>7} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}",

@@ -1,31 +1,36 @@
 //! The raft host: every raft group replica on this node, and the ways to reach their leaders.
 //!
-//! Owns: the registry of running groups (one `Raft` per group, ever), proposing commands
-//! (locally when this node leads the group, else forwarded to the leader), linearizable read
-//! positions (batched read index), and the inbound side of the node-to-node transport.
+//! Owns: the registry of group replicas (running, or dormant: on disk but not running, after
+//! hibernation or since start), their lifecycle (start, wake, hibernate, one `Raft` per group
+//! at a time), proposing commands (locally when this node leads the group, else forwarded to
+//! the leader), linearizable read positions (batched read index), and starting the children
+//! a split creates.
 //!
 //! Invariants:
-//! - at most one running `Raft` per group id on a node (two cores on one log corrupt it);
-//! - inbound messages addressed to another node or cluster are refused, never applied;
+//! - at most one running `Raft` per group id on a node (two cores on one log corrupt it): a
+//!   group starts and stops only under its lifecycle lock;
+//! - a dormant group costs no task, timer or message; anything that needs it wakes it;
 //! - a proposal reports `Unavailable { retry_safe: true }` only when it certainly was not
 //!   appended anywhere; a timeout is an unknown outcome.
 
 use super::freshness::{self, Freshness, Proof};
+use super::local_shards::{GroupEvent, LocalShards};
 use super::log_store::LogStore;
-use super::network::{GroupNetworkFactory, SnapshotHeader};
-use super::state_machine::GroupStateMachine;
-use super::types::{Command, CommandResponse, GroupId, NodeId, Raft, TypeConfig};
+use super::network::GroupNetworkFactory;
+use super::state_machine::{self, GroupStateMachine, SmContext};
+use super::types::{Command, CommandResponse, GroupId, NodeId, Raft};
+use crate::catalog::{CatalogCommand, CatalogReader, ShardDesc, ShardMapCache};
 use crate::docs::DocBatch;
+use crate::keys;
 use crate::signal::Progress;
 use crate::storage::group_commit::GroupCommit;
-use crate::storage::Engine;
-use crate::transport::{Envelope, Inbound, RpcKind, Transport, TransportError};
-use futures::future::BoxFuture;
+use crate::storage::{Cf, Engine};
+use crate::transport::{Envelope, RpcKind, Transport, TransportError};
 use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -43,6 +48,10 @@ pub struct RaftTuning {
     /// Entries kept in the log behind a snapshot (lagging followers catch up from the log
     /// instead of a snapshot while they are within this distance).
     pub logs_kept_after_snapshot: u64,
+    /// A shard group whose leader saw no request for this long hibernates: every replica
+    /// stops (no task, timer or message) until a request or a raft message wakes it.
+    /// `None`: never.
+    pub hibernate_after: Option<Duration>,
 }
 
 impl Default for RaftTuning {
@@ -56,6 +65,7 @@ impl Default for RaftTuning {
             request_timeout: Duration::from_secs(5),
             snapshot_logs_since_last: 10_000,
             logs_kept_after_snapshot: 2_000,
+            hibernate_after: Some(Duration::from_secs(30)),
         }
     }
 }
@@ -81,12 +91,26 @@ pub enum GroupError {
     Fatal { group: GroupId, reason: String },
 }
 
-/// A request forwarded to a group leader.
+/// A request forwarded to a group leader, or a leader's request to a replica.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum ForwardRequest {
     Propose(Command),
     ReadIndex,
     ChangeMembers(MemberChange),
+    /// From the group leader to a follower: stop if your log and state are exactly at
+    /// `last_log_index` of `term` (see `hibernate`).
+    Hibernate {
+        term: u64,
+        last_log_index: u64,
+    },
+    /// Create an empty replica of the group here if there is none (before the group adds
+    /// this node: a join or a move).
+    OpenReplica,
+    /// A node's request rates and sampled keys per group, for the placement driver on the
+    /// meta leader (sent on the meta group's envelope).
+    ReportLoad {
+        groups: Vec<(GroupId, f64, Vec<Vec<u8>>)>,
+    },
 }
 
 /// A change of a group's voters, run on its leader.
@@ -122,7 +146,22 @@ pub enum ForwardResponse {
         leader: Option<(NodeId, String)>,
     },
     Failed(GroupError),
+    /// The answer to `Hibernate`: whether the replica stopped.
+    Hibernated(bool),
+    /// Done (`OpenReplica`, `ReportLoad`).
+    Done,
 }
+
+/// One shard's load across the cluster (the sum of every node's latest report).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ShardLoad {
+    pub qps: f64,
+    /// Sampled request keys from every reporting node.
+    pub sample: Vec<Vec<u8>>,
+}
+
+/// A node's load report older than this no longer counts.
+pub const LOAD_REPORT_TTL: Duration = Duration::from_secs(5);
 
 type ReadWaiter = oneshot::Sender<Result<u64, LocalReadError>>;
 
@@ -142,6 +181,8 @@ pub struct GroupHandle {
     pub freshness: Freshness,
     /// Document writes waiting for the proposal batcher (see `batcher`).
     proposals: mpsc::Sender<super::batcher::Proposal>,
+    /// When a request last used this replica (ms on the host's clock), for hibernation.
+    last_request_ms: AtomicU64,
 }
 
 impl GroupHandle {
@@ -165,6 +206,11 @@ impl GroupHandle {
     pub async fn wait_applied(&self, index: u64, timeout: Duration) -> bool {
         tokio::time::timeout(timeout, self.applied.wait_at_least(index)).await.is_ok()
     }
+
+    /// When a request last used this replica (ms on the host's clock).
+    pub fn last_request_ms(&self) -> u64 {
+        self.last_request_ms.load(Ordering::Acquire)
+    }
 }
 
 /// Every group replica on this node.
@@ -172,8 +218,27 @@ pub struct RaftHost {
     pub config: HostConfig,
     engine: Engine,
     writer: GroupCommit,
-    transport: Arc<dyn Transport>,
+    pub(super) transport: Arc<dyn Transport>,
+    /// Running replicas.
     groups: Mutex<BTreeMap<GroupId, Arc<GroupHandle>>>,
+    /// Replicas with raft state on this node that are not running (hibernated, or not
+    /// needed since the node started).
+    dormant: Mutex<BTreeSet<GroupId>>,
+    /// One lock per group: starting and stopping a group happen under it.
+    lifecycle: Mutex<BTreeMap<GroupId, Arc<tokio::sync::Mutex<()>>>>,
+    /// Every local replica's applied state (range, epoch).
+    pub local: Arc<LocalShards>,
+    /// This node's copy of the shard map (the meta group invalidates it).
+    pub catalog: CatalogReader,
+    catalog_cache: Arc<ShardMapCache>,
+    /// The host's clock origin (request timestamps are ms since it).
+    started: tokio::time::Instant,
+    /// Messages received from peers (for `/metrics`: an idle cluster should receive none).
+    pub(super) messages_received: AtomicU64,
+    /// Dormant replicas started again.
+    wakes: AtomicU64,
+    /// The latest load report of every node (kept on every node; used on the meta leader).
+    load_reports: Mutex<BTreeMap<NodeId, (tokio::time::Instant, Vec<(GroupId, f64, Vec<Vec<u8>>)>)>>,
 }
 
 fn leader_of_forward(e: &openraft::error::ForwardToLeader<NodeId, BasicNode>) -> Option<(NodeId, String)> {
@@ -181,8 +246,111 @@ fn leader_of_forward(e: &openraft::error::ForwardToLeader<NodeId, BasicNode>) ->
 }
 
 impl RaftHost {
-    pub fn new(config: HostConfig, engine: Engine, writer: GroupCommit, transport: Arc<dyn Transport>) -> Arc<Self> {
-        Arc::new(Self { config, engine, writer, transport, groups: Mutex::new(BTreeMap::new()) })
+    /// A host with no group running. Every group with raft state on disk is registered as
+    /// dormant; the host's background tasks (children of splits, hibernation, reports to the
+    /// meta group) start here, so call it inside the runtime (and the node's task owner).
+    pub fn new(
+        config: HostConfig,
+        engine: Engine,
+        writer: GroupCommit,
+        transport: Arc<dyn Transport>,
+    ) -> Result<Arc<Self>, GroupError> {
+        let (local, events) = LocalShards::new();
+        let catalog_cache: Arc<ShardMapCache> = Arc::default();
+        let dormant = groups_on_disk(&engine)
+            .map_err(|e| GroupError::Fatal { group: keys::META_GROUP, reason: e.to_string() })?;
+        // What each dormant replica owns, for routing and overlap checks, without starting it.
+        for g in &dormant {
+            let state =
+                state_machine::read_state(&engine, *g).ok().flatten().or_else(|| state_machine::bootstrap_state(*g));
+            if let Some(state) = state {
+                local.set(state);
+            }
+        }
+        let host = Arc::new(Self {
+            config,
+            catalog: CatalogReader::new(engine.clone(), catalog_cache.clone()),
+            engine,
+            writer,
+            transport,
+            groups: Mutex::new(BTreeMap::new()),
+            dormant: Mutex::new(dormant),
+            lifecycle: Mutex::new(BTreeMap::new()),
+            local,
+            catalog_cache,
+            started: tokio::time::Instant::now(),
+            load_reports: Mutex::new(BTreeMap::new()),
+            messages_received: AtomicU64::new(0),
+            wakes: AtomicU64::new(0),
+        });
+        super::runtime::spawn(handle_events(Arc::downgrade(&host), events));
+        let resuming = host.clone();
+        super::runtime::spawn(async move { resuming.resume_merges().await });
+        super::runtime::spawn(super::hibernate::run(Arc::downgrade(&host)));
+        super::runtime::spawn(report_shards_loop(Arc::downgrade(&host)));
+        Ok(host)
+    }
+
+    /// One call to a peer over this node's transport.
+    pub async fn transport_call(
+        &self,
+        addr: String,
+        envelope: Envelope,
+        kind: RpcKind,
+        payload: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, TransportError> {
+        self.transport.call(addr, envelope, kind, payload, timeout).await
+    }
+
+    /// Messages received from peers so far.
+    pub fn messages_received(&self) -> u64 {
+        self.messages_received.load(Ordering::Relaxed)
+    }
+
+    /// Dormant replicas started again so far.
+    pub fn wakes(&self) -> u64 {
+        self.wakes.load(Ordering::Relaxed)
+    }
+
+    /// The leader `group` last had as this replica knows it: the running replica's view, or
+    /// for a dormant one the leader its committed vote names.
+    pub fn last_leader(&self, group: GroupId) -> Option<NodeId> {
+        if let Some(h) = self.group(group) {
+            return h.leader().map(|l| l.0);
+        }
+        let vote = self.engine.get(Cf::RaftMeta, &keys::group_meta_key(group, "vote")).ok().flatten()?;
+        let vote: super::types::Vote = serde_json::from_slice(&vote).ok()?;
+        vote.is_committed().then(|| vote.leader_id().voted_for()).flatten()
+    }
+
+    /// Keeps `node`'s load report (the latest one wins).
+    pub fn record_load_report(&self, node: NodeId, groups: Vec<(GroupId, f64, Vec<Vec<u8>>)>) {
+        if let Ok(mut reports) = self.load_reports.lock() {
+            reports.insert(node, (tokio::time::Instant::now(), groups));
+        }
+    }
+
+    /// Every shard's load summed over the nodes' recent reports.
+    pub fn cluster_load(&self) -> BTreeMap<GroupId, ShardLoad> {
+        let mut out: BTreeMap<GroupId, ShardLoad> = BTreeMap::new();
+        let Ok(reports) = self.load_reports.lock() else { return out };
+        for (at, groups) in reports.values() {
+            if at.elapsed() > LOAD_REPORT_TTL {
+                continue;
+            }
+            for (group, qps, sample) in groups {
+                let load = out.entry(*group).or_default();
+                load.qps += qps;
+                load.sample.extend(sample.iter().cloned());
+            }
+        }
+        out
+    }
+
+    /// Milliseconds since the host started (its clock for request timestamps).
+    pub fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
     }
 
     pub fn engine(&self) -> &Engine {
@@ -194,12 +362,80 @@ impl RaftHost {
         self.writer.stats.clone()
     }
 
+    /// The running replica of `group` (`None` when dormant or absent: see `wake`).
     pub fn group(&self, group: GroupId) -> Option<Arc<GroupHandle>> {
         self.groups.lock().ok()?.get(&group).cloned()
     }
 
+    /// Running groups.
     pub fn group_ids(&self) -> Vec<GroupId> {
         self.groups.lock().map(|g| g.keys().copied().collect()).unwrap_or_default()
+    }
+
+    /// Dormant groups (on disk, not running).
+    pub fn dormant_ids(&self) -> Vec<GroupId> {
+        self.dormant.lock().map(|d| d.iter().copied().collect()).unwrap_or_default()
+    }
+
+    pub fn is_dormant(&self, group: GroupId) -> bool {
+        self.dormant.lock().is_ok_and(|d| d.contains(&group))
+    }
+
+    /// True when this node has a replica of `group`, running or dormant.
+    pub fn hosts(&self, group: GroupId) -> bool {
+        self.group(group).is_some() || self.is_dormant(group)
+    }
+
+    /// The applied index of this node's replica of `group`, running or dormant (0: none).
+    pub fn applied_index(&self, group: GroupId) -> u64 {
+        if let Some(h) = self.group(group) {
+            return h.applied_index();
+        }
+        let applied = self.engine.get(Cf::RaftMeta, &keys::group_meta_key(group, "applied")).ok().flatten();
+        applied
+            .and_then(|v| serde_json::from_slice::<Option<super::types::LogId>>(&v).ok())
+            .flatten()
+            .map_or(0, |l| l.index)
+    }
+
+    /// The running replica of `group`, started first if it is dormant (a request needs it:
+    /// counts as activity). `UnknownGroup` when this node has no replica of it.
+    pub async fn wake(self: &Arc<Self>, group: GroupId) -> Result<Arc<GroupHandle>, GroupError> {
+        let h = match self.group(group) {
+            Some(h) => h,
+            None if self.is_dormant(group) => self.start_boxed(group).await?,
+            None => return Err(GroupError::UnknownGroup(group)),
+        };
+        h.last_request_ms.store(self.now_ms(), Ordering::Release);
+        Ok(h)
+    }
+
+    /// Like `wake`, for raft traffic (not a request: hibernation does not count it).
+    pub async fn wake_for_raft(self: &Arc<Self>, group: GroupId) -> Result<Arc<GroupHandle>, GroupError> {
+        match self.group(group) {
+            Some(h) => Ok(h),
+            None if self.is_dormant(group) => self.start_boxed(group).await,
+            None => Err(GroupError::UnknownGroup(group)),
+        }
+    }
+
+    /// `start_group` behind a box: a group's tasks (the batcher) propose through `wake`,
+    /// which may start the group, so the future types would otherwise contain themselves.
+    fn start_boxed(
+        self: &Arc<Self>,
+        group: GroupId,
+    ) -> futures::future::BoxFuture<'static, Result<Arc<GroupHandle>, GroupError>> {
+        let host = self.clone();
+        Box::pin(async move { host.start_group(group).await })
+    }
+
+    fn lifecycle_lock(&self, group: GroupId) -> Arc<tokio::sync::Mutex<()>> {
+        match self.lifecycle.lock() {
+            Ok(mut locks) => locks.entry(group).or_default().clone(),
+            // A poisoned registry: a fresh lock still serializes nothing else; the start
+            // below then fails on the poisoned group map.
+            Err(_) => Arc::default(),
+        }
     }
 
     fn raft_config(&self) -> Result<Arc<openraft::Config>, String> {
@@ -218,17 +454,20 @@ impl RaftHost {
         c.validate().map(Arc::new).map_err(|e| e.to_string())
     }
 
-    /// Starts the replica of `group` with data range `range` (idempotent).
-    pub async fn start_group(
-        self: &Arc<Self>,
-        group: GroupId,
-        range: (Vec<u8>, Vec<u8>),
-    ) -> Result<Arc<GroupHandle>, GroupError> {
+    /// Starts the replica of `group` from its raft state on this node, or empty when it has
+    /// none (it then waits for its leader: entries or a snapshot). Idempotent.
+    pub async fn start_group(self: &Arc<Self>, group: GroupId) -> Result<Arc<GroupHandle>, GroupError> {
+        if let Some(h) = self.group(group) {
+            return Ok(h);
+        }
+        let lock = self.lifecycle_lock(group);
+        let _started = lock.lock().await;
         if let Some(h) = self.group(group) {
             return Ok(h);
         }
         let fatal = |reason: String| GroupError::Fatal { group, reason };
-        let sm = GroupStateMachine::open(group, self.engine.clone(), range).map_err(|e| fatal(e.to_string()))?;
+        let ctx = SmContext { local: self.local.clone(), catalog: self.catalog_cache.clone() };
+        let sm = GroupStateMachine::open(group, self.engine.clone(), ctx).map_err(|e| fatal(e.to_string()))?;
         let applied = sm.applied_progress();
         let log = LogStore::new(group, self.engine.clone(), self.writer.clone(), applied.clone());
         let network = GroupNetworkFactory {
@@ -243,16 +482,78 @@ impl RaftHost {
         super::runtime::spawn(read_index_loop(raft.clone(), rx));
         let (proposals, queued) = mpsc::channel(super::batcher::QUEUE_MAX);
         super::runtime::spawn(super::batcher::run(Arc::downgrade(self), group, queued));
-        let handle = Arc::new(GroupHandle { group, raft, applied, reads, freshness: Freshness::default(), proposals });
+        let handle = Arc::new(GroupHandle {
+            group,
+            raft,
+            applied,
+            reads,
+            freshness: Freshness::default(),
+            proposals,
+            last_request_ms: AtomicU64::new(self.now_ms()),
+        });
         let mut groups = self.groups.lock().map_err(|_| fatal("registry poisoned".into()))?;
-        // Registered under the lock: a concurrent start of the same group loses here and its
-        // Raft is dropped before it ever ran a round.
-        Ok(groups.entry(group).or_insert(handle).clone())
+        groups.insert(group, handle.clone());
+        if let Ok(mut dormant) = self.dormant.lock() {
+            if dormant.remove(&group) {
+                self.wakes.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.local.mark_open(group);
+        Ok(handle)
+    }
+
+    /// One synced write through the node's log writer.
+    pub(super) async fn write_synced(
+        &self,
+        batch: crate::storage::WriteBatch,
+    ) -> Result<(), crate::storage::EngineError> {
+        self.writer.write_synced(batch).await
+    }
+
+    /// Stops `group`'s replica (running or dormant) and takes it out of the registry.
+    pub(super) async fn retire_from_registry(self: &Arc<Self>, group: GroupId) {
+        let lock = self.lifecycle_lock(group);
+        let _stopping = lock.lock().await;
+        let running = self.groups.lock().ok().and_then(|mut g| g.remove(&group));
+        if let Ok(mut dormant) = self.dormant.lock() {
+            dormant.remove(&group);
+        }
+        if let Some(h) = running {
+            let _ = h.raft.shutdown().await;
+        }
+    }
+
+    /// Stops the running replica of `group` and keeps it dormant (hibernation). Returns false
+    /// when it was not running or `still_idle` said no under the lifecycle lock.
+    pub async fn hibernate_group(
+        self: &Arc<Self>,
+        group: GroupId,
+        still_idle: impl FnOnce(&GroupHandle) -> bool,
+    ) -> bool {
+        let lock = self.lifecycle_lock(group);
+        let _stopping = lock.lock().await;
+        let Some(h) = self.group(group) else { return false };
+        if !still_idle(&h) {
+            return false;
+        }
+        if let Ok(mut groups) = self.groups.lock() {
+            groups.remove(&group);
+        }
+        if let Ok(mut dormant) = self.dormant.lock() {
+            dormant.insert(group);
+        }
+        // Requests arriving now wake a new incarnation after this one stopped (same lock).
+        let _ = h.raft.shutdown().await;
+        true
     }
 
     /// Initializes `group` with `members` if it has never been initialized.
-    pub async fn initialize(&self, group: GroupId, members: BTreeMap<NodeId, BasicNode>) -> Result<bool, GroupError> {
-        let h = self.group(group).ok_or(GroupError::UnknownGroup(group))?;
+    pub async fn initialize(
+        self: &Arc<Self>,
+        group: GroupId,
+        members: BTreeMap<NodeId, BasicNode>,
+    ) -> Result<bool, GroupError> {
+        let h = self.wake_for_raft(group).await?;
         if h.raft.is_initialized().await.map_err(|e| GroupError::Fatal { group, reason: e.to_string() })? {
             return Ok(false);
         }
@@ -265,6 +566,10 @@ impl RaftHost {
 
     /// Stops every group (for a clean shutdown; a crash needs no call).
     pub async fn shutdown(&self) {
+        if let Ok(mut dormant) = self.dormant.lock() {
+            // Nothing may wake while the node stops.
+            dormant.clear();
+        }
         let groups: Vec<Arc<GroupHandle>> =
             self.groups.lock().map(|g| g.values().cloned().collect()).unwrap_or_default();
         for g in groups {
@@ -276,8 +581,11 @@ impl RaftHost {
         }
     }
 
-    async fn propose_local(&self, group: GroupId, cmd: Command) -> ForwardResponse {
-        let Some(h) = self.group(group) else { return ForwardResponse::Failed(GroupError::UnknownGroup(group)) };
+    pub(super) async fn propose_local(self: &Arc<Self>, group: GroupId, cmd: Command) -> ForwardResponse {
+        let h = match self.wake(group).await {
+            Ok(h) => h,
+            Err(e) => return ForwardResponse::Failed(e),
+        };
         let timeout = self.config.tuning.request_timeout;
         match tokio::time::timeout(timeout, h.raft.client_write(cmd)).await {
             Err(_) => ForwardResponse::Failed(GroupError::Timeout { group, timeout_ms: timeout.as_millis() as u64 }),
@@ -296,8 +604,19 @@ impl RaftHost {
 
     /// Runs a membership change on this node, the group's leader. One deadline bounds every
     /// step; callers run it as its own task so a dropped RPC cannot cancel it halfway.
-    async fn change_members_local(&self, group: GroupId, change: MemberChange) -> ForwardResponse {
-        let Some(h) = self.group(group) else { return ForwardResponse::Failed(GroupError::UnknownGroup(group)) };
+    async fn change_members_local(self: &Arc<Self>, group: GroupId, change: MemberChange) -> ForwardResponse {
+        let h = match self.wake(group).await {
+            Ok(h) => h,
+            Err(e) => return ForwardResponse::Failed(e),
+        };
+        if let Some(into) = self.local.get(group).and_then(|s| s.merging_into()) {
+            // A merge needs the parts' voters to stay as they were frozen.
+            return ForwardResponse::Failed(GroupError::Unavailable {
+                group,
+                reason: format!("shard {group} is being merged into {into}; its replicas change after"),
+                retry_safe: true,
+            });
+        }
         let membership = h.raft.metrics().borrow().membership_config.membership().clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
         let uniform = membership.get_joint_config().len() == 1;
@@ -339,6 +658,10 @@ impl RaftHost {
             MemberChange::AddVoter { id, .. } if uniform && voters.contains(&id) => return unchanged(&voters),
             MemberChange::AddVoter { id, addr, .. } => {
                 if !voters.contains(&id) {
+                    // The node needs a replica (empty) to take the group's entries or snapshot.
+                    if let Err(reason) = self.open_replica_on(group, id, &addr, deadline).await {
+                        return ForwardResponse::Failed(GroupError::Unavailable { group, reason, retry_safe: true });
+                    }
                     // Not openraft's blocking add: it calls a learner within
                     // `replication_lag_threshold` (5,000 entries) "up to date", even one that
                     // never answered. Promote only once it holds the entry that added it.
@@ -396,9 +719,41 @@ impl RaftHost {
         }
     }
 
+    /// Asks node `id` (at `addr`) to create an empty replica of `group` if it has none.
+    async fn open_replica_on(
+        &self,
+        group: GroupId,
+        id: NodeId,
+        addr: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), String> {
+        let env = Envelope {
+            cluster_id: self.config.cluster_id.clone(),
+            group_id: group,
+            from_node: self.config.node_id,
+            to_node: id,
+        };
+        let payload = serde_json::to_vec(&ForwardRequest::OpenReplica).map_err(|e| e.to_string())?;
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let reply = self
+            .transport
+            .call(addr.to_string(), env, RpcKind::Forward, payload, left)
+            .await
+            .map_err(|e| e.to_string())?;
+        match serde_json::from_slice::<ForwardResponse>(&reply).map_err(|e| e.to_string())? {
+            ForwardResponse::Done => Ok(()),
+            ForwardResponse::Failed(e) => Err(format!("node {id} could not open a replica of group {group}: {e}")),
+            other => Err(format!("node {id} answered {other:?} to opening a replica of group {group}")),
+        }
+    }
+
     /// `change_members_local` as its own task of this node: an RPC or caller that gives up
     /// does not cancel a change between its joint and its final step.
-    async fn change_members_detached(self: &Arc<Self>, group: GroupId, change: MemberChange) -> ForwardResponse {
+    pub(super) async fn change_members_detached(
+        self: &Arc<Self>,
+        group: GroupId,
+        change: MemberChange,
+    ) -> ForwardResponse {
         let host = self.clone();
         match super::runtime::spawn(async move { host.change_members_local(group, change).await }).await {
             Ok(resp) => resp,
@@ -410,8 +765,11 @@ impl RaftHost {
         }
     }
 
-    async fn read_index_local(&self, group: GroupId) -> ForwardResponse {
-        let Some(h) = self.group(group) else { return ForwardResponse::Failed(GroupError::UnknownGroup(group)) };
+    pub(super) async fn read_index_local(self: &Arc<Self>, group: GroupId) -> ForwardResponse {
+        let h = match self.wake(group).await {
+            Ok(h) => h,
+            Err(e) => return ForwardResponse::Failed(e),
+        };
         let (tx, rx) = oneshot::channel();
         if h.reads.try_send(tx).is_err() {
             return ForwardResponse::Failed(GroupError::Unavailable {
@@ -449,7 +807,7 @@ impl RaftHost {
         let mut retry_safe = true;
         loop {
             attempt += 1;
-            let h = self.group(group).ok_or(GroupError::UnknownGroup(group))?;
+            let h = self.wake(group).await?;
             let target = hint.take().or_else(|| h.leader());
             // Whether this attempt reached a raft core that may have appended a proposal.
             let mut reached = true;
@@ -458,6 +816,11 @@ impl RaftHost {
                     ForwardRequest::Propose(cmd) => self.propose_local(group, cmd.clone()).await,
                     ForwardRequest::ReadIndex => self.read_index_local(group).await,
                     ForwardRequest::ChangeMembers(change) => self.change_members_detached(group, change.clone()).await,
+                    ForwardRequest::Hibernate { .. }
+                    | ForwardRequest::OpenReplica
+                    | ForwardRequest::ReportLoad { .. } => {
+                        ForwardResponse::Failed(GroupError::Fatal { group, reason: "not a leader request".into() })
+                    }
                 },
                 Some((id, addr)) if !addr.is_empty() => {
                     let env = Envelope {
@@ -508,7 +871,7 @@ impl RaftHost {
             // failed to reach a log; an idempotent one (deduplicated at apply) always may be.
             let idempotent = match &req {
                 ForwardRequest::Propose(cmd) => cmd.is_idempotent(),
-                ForwardRequest::ReadIndex | ForwardRequest::ChangeMembers(_) => true,
+                _ => true,
             };
             let retry = match &resp {
                 ForwardResponse::NotLeader { leader } => {
@@ -544,11 +907,7 @@ impl RaftHost {
         match self.on_leader(group, ForwardRequest::Propose(cmd)).await? {
             ForwardResponse::Proposed { index, response } => Ok((index, response)),
             ForwardResponse::Failed(e) => Err(e),
-            ForwardResponse::ReadIndex { .. }
-            | ForwardResponse::MembersChanged { .. }
-            | ForwardResponse::NotLeader { .. } => {
-                Err(GroupError::Unavailable { group, reason: "no leader elected".into(), retry_safe: true })
-            }
+            _ => Err(GroupError::Unavailable { group, reason: "no leader elected".into(), retry_safe: true }),
         }
     }
 
@@ -559,7 +918,7 @@ impl RaftHost {
         group: GroupId,
         batch: DocBatch,
     ) -> Result<(u64, CommandResponse), GroupError> {
-        let h = self.group(group).ok_or(GroupError::UnknownGroup(group))?;
+        let h = self.wake(group).await?;
         let (tx, rx) = oneshot::channel();
         h.proposals.try_send((batch, tx)).map_err(|e| GroupError::Unavailable {
             group,
@@ -605,7 +964,7 @@ impl RaftHost {
             ForwardResponse::Failed(e) => return Err(e),
             _ => return Err(GroupError::Unavailable { group, reason: "no leader elected".into(), retry_safe: true }),
         };
-        let h = self.group(group).ok_or(GroupError::UnknownGroup(group))?;
+        let h = self.wake(group).await?;
         h.freshness.record(Proof { index, as_of });
         if h.wait_applied(index, self.config.tuning.request_timeout).await {
             Ok(index)
@@ -627,7 +986,7 @@ impl RaftHost {
         group: GroupId,
         bound: Duration,
     ) -> Result<(u64, BoundedPath), GroupError> {
-        let h = self.group(group).ok_or(GroupError::UnknownGroup(group))?;
+        let h = self.wake(group).await?;
         let now = tokio::time::Instant::now();
         match freshness::decide(h.freshness.newest(), h.applied_index(), now, bound) {
             freshness::Decision::Serve => return Ok((h.applied_index(), BoundedPath::Local)),
@@ -673,18 +1032,28 @@ impl RaftHost {
                 matched,
             });
         }
+        for group in self.dormant_ids() {
+            let membership = self
+                .engine
+                .get(Cf::RaftMeta, &keys::group_meta_key(group, "membership"))
+                .ok()
+                .flatten()
+                .and_then(|v| serde_json::from_slice::<super::types::StoredMembership>(&v).ok())
+                .unwrap_or_default();
+            out.push(ReplicaStatus {
+                group,
+                role: "hibernating",
+                term: 0,
+                leader: None,
+                last_log_index: 0,
+                applied_index: self.applied_index(group),
+                voters: membership.membership().voter_ids().collect(),
+                learners: membership.membership().learner_ids().collect(),
+                matched: BTreeMap::new(),
+            });
+        }
+        out.sort_by_key(|r| r.group);
         out
-    }
-
-    fn check_envelope(&self, env: &Envelope) -> Result<Arc<GroupHandle>, String> {
-        if env.cluster_id != self.config.cluster_id {
-            return Err(format!("message for cluster {:?}, this is {:?}", env.cluster_id, self.config.cluster_id));
-        }
-        if env.to_node != self.config.node_id {
-            return Err(format!("message for node {}, this is node {}", env.to_node, self.config.node_id));
-        }
-        self.group(env.group_id)
-            .ok_or_else(|| format!("group {} is not running on node {}", env.group_id, self.config.node_id))
     }
 }
 
@@ -720,6 +1089,152 @@ pub const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(120);
 /// Bound on queued strong reads per group.
 pub const READ_QUEUE_MAX: usize = 16_384;
 
+/// Every group with raft state on disk (a `desc`, `vote` or `applied` field in `raft_meta`).
+fn groups_on_disk(engine: &Engine) -> Result<BTreeSet<GroupId>, crate::storage::EngineError> {
+    let mut groups = BTreeSet::new();
+    // Seek from group to group: one short scan per group, not one per field.
+    let mut from = Vec::new();
+    while let Some((key, _)) = engine.scan(Cf::RaftMeta, &from, &[], 1)?.into_iter().next() {
+        let Some(id) = key.get(..8).and_then(|b| <[u8; 8]>::try_from(b).ok()).map(u64::from_be_bytes) else { break };
+        if state_machine::has_raft_state(engine, id)? {
+            groups.insert(id);
+        }
+        match id.checked_add(1) {
+            Some(next) => from = next.to_be_bytes().to_vec(),
+            None => break,
+        }
+    }
+    Ok(groups)
+}
+
+/// Starts the children a split created on this node. When this node leads the parent, the
+/// children campaign at once (their leaders start where the parent's is, and requests routed
+/// there find them) and the split is reported to the meta group.
+async fn handle_events(host: std::sync::Weak<RaftHost>, mut events: mpsc::UnboundedReceiver<GroupEvent>) {
+    while let Some(event) = events.recv().await {
+        let Some(host) = host.upgrade() else { return };
+        match event {
+            GroupEvent::Retired { group, into } => {
+                tracing::info!(group, into, "shard retired into a merged shard");
+                if let Err(e) = host.on_part_retired(into).await {
+                    tracing::error!(group, into, error = %e, "starting the merged shard failed");
+                }
+            }
+            GroupEvent::ChildrenBorn { parent, children } => {
+                let leads_parent = host.group(parent).is_some_and(|h| h.is_leader());
+                for child in &children {
+                    match host.start_group(*child).await {
+                        Ok(h) if leads_parent => {
+                            let _ = h.raft.trigger().elect().await;
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::error!(parent, child, error = %e, "starting a split child failed"),
+                    }
+                }
+                tracing::info!(parent, ?children, leads_parent, "split applied: children started");
+                if leads_parent {
+                    let report = host.clone();
+                    super::runtime::spawn(async move {
+                        let groups: Vec<GroupId> = std::iter::once(parent).chain(children).collect();
+                        if let Err(e) = report.report_shards(&groups).await {
+                            tracing::warn!(error = %e, "reporting a split to the meta group failed (the periodic report retries)");
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// How often each node reports the shards it leads whose catalog entry is behind.
+pub const REPORT_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Heals the catalog after a crash between a split and its report: every `REPORT_INTERVAL`,
+/// the shards this node leads whose catalog entry is older (epoch, replicas) are reported.
+async fn report_shards_loop(host: std::sync::Weak<RaftHost>) {
+    loop {
+        tokio::time::sleep(REPORT_INTERVAL).await;
+        let Some(host) = host.upgrade() else { return };
+        let Ok(map) = host.catalog.shard_map() else { continue };
+        let behind: Vec<GroupId> = host
+            .group_ids()
+            .into_iter()
+            .filter(|g| *g != keys::META_GROUP)
+            .filter(|g| host.group(*g).is_some_and(|h| h.is_leader()))
+            .filter(|g| host.catalog_behind_in(&map, *g))
+            .collect();
+        if !behind.is_empty() {
+            if let Err(e) = host.report_shards(&behind).await {
+                tracing::debug!(error = %e, "periodic shard report not accepted yet");
+            }
+        }
+        for obsolete in host.obsolete_replicas() {
+            tracing::info!(group = obsolete, "destroying a replica of a shard that was merged away");
+            host.destroy_group(obsolete).await;
+        }
+    }
+}
+
+impl RaftHost {
+    /// This replica's view of `group` as a catalog entry: its applied range and epoch, and
+    /// the voters of its current membership (with that membership's log index).
+    pub fn shard_desc(&self, group: GroupId) -> Option<ShardDesc> {
+        let state = self.local.get(group).filter(|s| !s.is_retired())?;
+        let h = self.group(group)?;
+        let m = h.raft.metrics().borrow().clone();
+        let replicas = m.membership_config.membership().voter_ids().collect();
+        let replicas_at = m.membership_config.log_id().map_or(0, |l| l.index);
+        let merged = state.merged_from.iter().map(|(g, _)| *g).collect();
+        Some(ShardDesc {
+            id: group,
+            start: state.start,
+            end: state.end,
+            epoch: state.epoch,
+            replicas,
+            replicas_at,
+            merged,
+        })
+    }
+
+    /// Local replicas of shards that were merged away (the catalog tombstoned them) while
+    /// this node was behind; the shard that replaced them comes from its leader. Only a
+    /// tombstone counts: destroying a replica of a live group would make it vote with an
+    /// empty log later.
+    pub fn obsolete_replicas(&self) -> Vec<GroupId> {
+        self.local
+            .all()
+            .into_iter()
+            .filter(|g| g.id != keys::META_GROUP)
+            .filter(|g| self.catalog.is_merged_away(g.id).unwrap_or(false))
+            .map(|g| g.id)
+            .collect()
+    }
+
+    /// True when this node's copy of the catalog has `group` older than its replica here
+    /// (range epoch or replica list).
+    pub fn catalog_behind(&self, group: GroupId) -> bool {
+        self.catalog.shard_map().is_ok_and(|map| self.catalog_behind_in(&map, group))
+    }
+
+    fn catalog_behind_in(&self, map: &crate::catalog::ShardMap, group: GroupId) -> bool {
+        match (self.shard_desc(group), map.shards.get(&group)) {
+            (Some(mine), Some(known)) => mine.epoch > known.epoch || mine.replicas_at > known.replicas_at,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+
+    /// Reports the current state of `groups` (as this node's replicas applied them) to the
+    /// meta group.
+    pub async fn report_shards(self: &Arc<Self>, groups: &[GroupId]) -> Result<(), GroupError> {
+        let shards: Vec<ShardDesc> = groups.iter().filter_map(|g| self.shard_desc(*g)).collect();
+        if shards.is_empty() {
+            return Ok(());
+        }
+        self.propose(keys::META_GROUP, Command::Catalog(CatalogCommand::ReportShards { shards })).await.map(|_| ())
+    }
+}
+
 /// Serves queued readers in rounds: one `ensure_linearizable` per round answers every reader
 /// that was queued before the round started.
 async fn read_index_loop(raft: Raft, mut rx: mpsc::Receiver<ReadWaiter>) {
@@ -741,56 +1256,6 @@ async fn read_index_loop(raft: Raft, mut rx: mpsc::Receiver<ReadWaiter>) {
     }
 }
 
-fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
-    serde_json::to_vec(v).map_err(|e| e.to_string())
-}
-
-impl Inbound for Arc<RaftHost> {
-    fn handle(&self, env: Envelope, kind: RpcKind, payload: Vec<u8>) -> BoxFuture<'static, Result<Vec<u8>, String>> {
-        let host = self.clone();
-        Box::pin(async move {
-            let h = host.check_envelope(&env)?;
-            match kind {
-                RpcKind::AppendEntries => {
-                    let req = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
-                    encode(&h.raft.append_entries(req).await)
-                }
-                RpcKind::Vote => {
-                    let req = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
-                    encode(&h.raft.vote(req).await)
-                }
-                RpcKind::Forward => {
-                    let req: ForwardRequest = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
-                    let resp = match req {
-                        ForwardRequest::Propose(cmd) => host.propose_local(env.group_id, cmd).await,
-                        ForwardRequest::ReadIndex => host.read_index_local(env.group_id).await,
-                        ForwardRequest::ChangeMembers(change) => {
-                            host.change_members_detached(env.group_id, change).await
-                        }
-                    };
-                    encode(&resp)
-                }
-            }
-        })
-    }
-
-    fn handle_snapshot(
-        &self,
-        env: Envelope,
-        header: Vec<u8>,
-        data: Vec<u8>,
-    ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
-        let host = self.clone();
-        Box::pin(async move {
-            let h = host.check_envelope(&env)?;
-            let header: SnapshotHeader = serde_json::from_slice(&header).map_err(|e| e.to_string())?;
-            let snapshot =
-                openraft::Snapshot::<TypeConfig> { meta: header.meta, snapshot: Box::new(Cursor::new(data)) };
-            encode(&h.raft.install_full_snapshot(header.vote, snapshot).await)
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -809,7 +1274,8 @@ mod tests {
         let writer = GroupCommit::inline(engine.clone());
         let config = HostConfig { node_id: 1, cluster_id: "t".into(), tuning: RaftTuning::default() };
         let host =
-            RaftHost::new(config, engine.clone(), writer, Arc::new(crate::transport::grpc::GrpcTransport::new()));
+            RaftHost::new(config, engine.clone(), writer, Arc::new(crate::transport::grpc::GrpcTransport::new()))
+                .expect("host");
         let group = 7;
         let base = LogId::new(CommittedLeaderId::new(5, 1), 1_000);
         let members = Membership::new(
@@ -823,10 +1289,12 @@ mod tests {
         let stored = StoredMembership::new(Some(base), members);
         seed.put(Cf::RaftMeta, meta("membership"), serde_json::to_vec(&stored).unwrap());
         seed.put(Cf::RaftMeta, meta("vote"), serde_json::to_vec(&Vote::new(5, 1)).unwrap());
+        let state =
+            crate::shard::GroupState::initial(group, crate::keys::initial_group_range(crate::keys::FIRST_SHARD));
+        seed.put(Cf::RaftMeta, meta("desc"), serde_json::to_vec(&state).unwrap());
         engine.write(seed, true).unwrap();
 
-        let range = crate::keys::initial_group_range(crate::keys::FIRST_SHARD);
-        let h = host.start_group(group, range).await.expect("group starts");
+        let h = host.start_group(group).await.expect("group starts");
         h.raft.trigger().elect().await.expect("elect");
         let leader = h.raft.wait(Some(Duration::from_secs(10))).current_leader(1, "leader").await;
         assert!(leader.is_ok(), "the seeded group elects itself: {leader:?}");

@@ -1,27 +1,41 @@
 //! A raft group's state machine on the node's shared engine.
 //!
-//! Owns: applying committed entries (documents for shard groups, the catalog for the meta
-//! group), the group's `applied` and `membership` fields, and its snapshots.
+//! Owns: applying committed entries (documents and splits for shard groups, the catalog for
+//! the meta group), the group's `applied`, `membership` and `desc` (its `GroupState`: range,
+//! epoch, status) fields, its stored request answers (deduplication), and its snapshots.
 //!
 //! Invariants:
 //! - each entry's effects and the new applied log id go into one atomic write batch, so a
 //!   crash never leaves data and applied index disagreeing, and re-applying after restart is
 //!   a no-op (apply is idempotent by construction: the applied id is read back on start);
-//! - a group only ever writes keys inside its data range; a command for keys outside it is
-//!   refused deterministically (`CommandResponse::WrongGroup`);
+//! - a group only ever writes data keys inside its range; a command for keys outside it is
+//!   refused deterministically (`CommandResponse::WrongGroup`), after the request's stored
+//!   answer was looked up (a retry of a write applied before a split gets its first answer);
+//! - the group's range changes only by applying its own log (a split) or installing a
+//!   snapshot, and every change bumps the epoch;
+//! - a split seeds each child's raft state at the split entry's log id in the same batch
+//!   (purged log, applied, membership, a vote in that term), so the child's entries and
+//!   document versions continue above the parent's; a child that already has raft state on
+//!   this node is left alone;
 //! - apply reads nothing but the entry and stored state (no clock, no randomness).
 //!
-//! Snapshots hold the group's data range in memory (`Cursor<Vec<u8>>`, streamed in chunks
-//! over the network). A file-backed snapshot is the next step for large shards.
+//! Snapshots hold the group's state, its data range and its stored answers in memory
+//! (`Cursor<Vec<u8>>`, streamed in chunks over the network). Installing one replaces the
+//! snapshot's range only: a replica that missed a split keeps the data beyond it until the
+//! child that owns it installs its own snapshot. A file-backed snapshot is the next step for
+//! large shards.
 
+use super::local_shards::{GroupEvent, LocalShards};
 use super::types::{
-    Command, CommandResponse, Entry, GroupId, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+    Command, CommandResponse, Entry, GroupId, LogId, Snapshot, SnapshotMeta, SplitDone, StorageError, StoredMembership,
+    TypeConfig, Vote,
 };
-use crate::catalog;
+use crate::catalog::{self, ShardMapCache};
 use crate::docs::{self, DocBatch, StoredDoc};
 use crate::keys;
+use crate::shard::{self, GroupState, MergeRefused, ShardStatus, SplitAt, SplitRefused};
 use crate::signal::Progress;
-use crate::storage::engine::in_range;
+use crate::storage::engine::{prefix_end, KvPairs};
 use crate::storage::{Cf, Engine, EngineError, WriteBatch};
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
@@ -32,19 +46,31 @@ use std::sync::{Arc, Mutex};
 /// this is applied again (a retry comes within the request timeout, seconds).
 pub const DEDUP_WINDOW: u64 = 100_000;
 
-/// Snapshot data kept for sending to followers: meta and encoded pairs.
+/// Snapshot data kept for sending to followers: meta and encoded image.
 type StoredSnapshot = Arc<Mutex<Option<(SnapshotMeta, Vec<u8>)>>>;
+
+/// What a state machine shares with the rest of its node.
+#[derive(Clone)]
+pub struct SmContext {
+    /// Every local group's applied state, and the host's event channel.
+    pub local: Arc<LocalShards>,
+    /// The meta group invalidates it when the shard map changes.
+    pub catalog: Arc<ShardMapCache>,
+}
 
 /// State machine of one group.
 pub struct GroupStateMachine {
     group: GroupId,
     engine: Engine,
-    range: (Vec<u8>, Vec<u8>),
+    /// `None` for a replica created empty (joining, or a child on a node that missed the
+    /// split): it owns nothing until a snapshot gives it a state.
+    state: Option<GroupState>,
     applied: Option<LogId>,
     membership: StoredMembership,
     current_snapshot: StoredSnapshot,
     /// Advanced after every apply to the last applied index (for waiting readers).
     applied_progress: Arc<Progress>,
+    ctx: SmContext,
 }
 
 fn sm_read_err(e: impl std::error::Error + 'static) -> StorageError {
@@ -52,6 +78,9 @@ fn sm_read_err(e: impl std::error::Error + 'static) -> StorageError {
 }
 fn sm_write_err(e: impl std::error::Error + 'static) -> StorageError {
     StorageIOError::write_state_machine(&e).into()
+}
+fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StorageError> {
+    serde_json::to_vec(v).map_err(sm_write_err)
 }
 
 /// Encodes key-value pairs as `u32 len | key | u32 len | value` repeated.
@@ -83,9 +112,93 @@ pub fn decode_pairs(mut bytes: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
     Some(out)
 }
 
+/// A group's snapshot content: its state, its data range and its stored request answers.
+/// Encoded as `u32 header length | header JSON | u64 data length | data pairs | answer pairs`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SnapshotImage {
+    pub state: Option<GroupState>,
+    pub data: KvPairs,
+    /// `raft_meta` pairs of the group's request answers (keys with the group's prefix).
+    pub answers: KvPairs,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SnapshotHeader {
+    state: Option<GroupState>,
+}
+
+impl SnapshotImage {
+    pub fn encode(&self) -> Vec<u8> {
+        let header = serde_json::to_vec(&SnapshotHeader { state: self.state.clone() }).unwrap_or_default();
+        let data = encode_pairs(&self.data);
+        let mut out = Vec::with_capacity(12 + header.len() + data.len());
+        out.extend_from_slice(&(header.len() as u32).to_be_bytes());
+        out.extend_from_slice(&header);
+        out.extend_from_slice(&(data.len() as u64).to_be_bytes());
+        out.extend_from_slice(&data);
+        out.extend_from_slice(&encode_pairs(&self.answers));
+        out
+    }
+
+    /// Only the group state of an encoded image (`None` when malformed), without decoding
+    /// the data.
+    pub fn decode_state(bytes: &[u8]) -> Option<Option<GroupState>> {
+        let header_len = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+        let header: SnapshotHeader = serde_json::from_slice(bytes.get(4..4 + header_len)?).ok()?;
+        Some(header.state)
+    }
+
+    /// `None` on truncated or malformed input.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let header_len = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+        let header: SnapshotHeader = serde_json::from_slice(bytes.get(4..4 + header_len)?).ok()?;
+        let rest = bytes.get(4 + header_len..)?;
+        let data_len = usize::try_from(u64::from_be_bytes(rest.get(..8)?.try_into().ok()?)).ok()?;
+        let data = decode_pairs(rest.get(8..8 + data_len)?)?;
+        let answers = decode_pairs(rest.get(8 + data_len..)?)?;
+        Some(Self { state: header.state, data, answers })
+    }
+}
+
+/// What applying a command changes beyond its write batch, done once the batch is written.
+#[derive(Default)]
+struct Effects {
+    /// The group's new state (a split).
+    state: Option<GroupState>,
+    /// Children a split seeded on this node.
+    born: Vec<GroupState>,
+    /// The meta group changed the shard map.
+    shard_map_changed: bool,
+}
+
+/// The state a bootstrap group has before anything is applied (the meta group and the
+/// first shard); any other group gets its state from a split or a snapshot.
+pub fn bootstrap_state(group: GroupId) -> Option<GroupState> {
+    (group == keys::META_GROUP || group == keys::FIRST_SHARD)
+        .then(|| GroupState::initial(group, keys::initial_group_range(group)))
+}
+
+/// True when `group` has any raft state on this node.
+pub fn has_raft_state(engine: &Engine, group: GroupId) -> Result<bool, EngineError> {
+    for field in ["desc", "vote", "applied"] {
+        if engine.get(Cf::RaftMeta, &keys::group_meta_key(group, field))?.is_some() {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Reads a group's persisted state (`None`: never written).
+pub fn read_state(engine: &Engine, group: GroupId) -> Result<Option<GroupState>, EngineError> {
+    match engine.get(Cf::RaftMeta, &keys::group_meta_key(group, "desc"))? {
+        None => Ok(None),
+        Some(v) => serde_json::from_slice(&v).map(Some).map_err(|e| EngineError::Corrupt(format!("desc: {e}"))),
+    }
+}
+
 impl GroupStateMachine {
     /// Loads the group's applied state from `engine`.
-    pub fn open(group: GroupId, engine: Engine, range: (Vec<u8>, Vec<u8>)) -> Result<Self, EngineError> {
+    pub fn open(group: GroupId, engine: Engine, ctx: SmContext) -> Result<Self, EngineError> {
         let read = |field: &str| engine.get(Cf::RaftMeta, &keys::group_meta_key(group, field));
         let applied: Option<LogId> = match read("applied")? {
             Some(v) => serde_json::from_slice(&v).map_err(|e| EngineError::Corrupt(format!("applied: {e}")))?,
@@ -95,8 +208,15 @@ impl GroupStateMachine {
             Some(v) => serde_json::from_slice(&v).map_err(|e| EngineError::Corrupt(format!("membership: {e}")))?,
             None => StoredMembership::default(),
         };
+        let state = match read_state(&engine, group)? {
+            Some(s) => Some(s),
+            None => bootstrap_state(group),
+        };
+        if let Some(s) = &state {
+            ctx.local.set(s.clone());
+        }
         let applied_progress = Arc::new(Progress::new(applied.map(|l| l.index).unwrap_or(0)));
-        Ok(Self { group, engine, range, applied, membership, current_snapshot: Arc::default(), applied_progress })
+        Ok(Self { group, engine, state, applied, membership, current_snapshot: Arc::default(), applied_progress, ctx })
     }
 
     /// The last applied index, for readers waiting on a position.
@@ -105,21 +225,23 @@ impl GroupStateMachine {
     }
 
     fn put_applied(&self, batch: &mut WriteBatch, log_id: &LogId) -> Result<(), StorageError> {
-        batch.put(
-            Cf::RaftMeta,
-            keys::group_meta_key(self.group, "applied"),
-            serde_json::to_vec(&Some(log_id)).map_err(sm_write_err)?,
-        );
+        batch.put(Cf::RaftMeta, keys::group_meta_key(self.group, "applied"), json(&Some(log_id))?);
         Ok(())
+    }
+
+    fn owns(&self, key: &[u8]) -> bool {
+        self.state.as_ref().is_some_and(|s| s.contains(key))
     }
 
     fn apply_command(
         &self,
-        index: u64,
+        log_id: &LogId,
         cmd: &Command,
         batch: &mut WriteBatch,
+        effects: &mut Effects,
     ) -> Result<CommandResponse, StorageError> {
         let engine = &self.engine;
+        let index = log_id.index;
         match cmd {
             Command::Docs(doc_batch) => self.apply_docs(index, doc_batch, batch, &mut EntryWrites::default()),
             Command::DocsMany(doc_batches) => {
@@ -131,18 +253,24 @@ impl GroupStateMachine {
                 Ok(CommandResponse::Many(responses))
             }
             Command::DropCollectionData { tenant, collection } => {
-                if self.group == keys::META_GROUP {
+                let Some(state) = self.state.as_ref().filter(|_| self.group != keys::META_GROUP) else {
                     return Ok(CommandResponse::WrongGroup("collection data lives in shard groups".into()));
+                };
+                match &state.status {
+                    ShardStatus::Active => {}
+                    ShardStatus::Frozen { into, .. } => {
+                        return Ok(CommandResponse::Retry(format!("shard {} is being merged into {into}", self.group)))
+                    }
+                    ShardStatus::Retired { into, .. } => {
+                        return Ok(CommandResponse::WrongGroup(format!("shard {} was merged into {into}", self.group)))
+                    }
                 }
                 let prefix = keys::collection_prefix(tenant, collection);
-                let end = crate::storage::engine::prefix_end(&prefix);
+                let end = prefix_end(&prefix);
                 // Clamp to this shard's range so a group never deletes keys it does not own.
-                let start = std::cmp::max(prefix, self.range.0.clone());
-                let end = if self.range.1.is_empty() || (!end.is_empty() && end < self.range.1) {
-                    end
-                } else {
-                    self.range.1.clone()
-                };
+                let start = std::cmp::max(prefix, state.start.clone());
+                let end =
+                    if state.end.is_empty() || (!end.is_empty() && end < state.end) { end } else { state.end.clone() };
                 if end.is_empty() || start < end {
                     batch.delete_range(Cf::Data, start, end);
                 }
@@ -153,8 +281,10 @@ impl GroupStateMachine {
                     return Ok(CommandResponse::WrongGroup("catalog commands go to the meta group".into()));
                 }
                 let read = |k: &[u8]| engine.get(Cf::Data, k);
-                let (changes, resp) = catalog::apply(read, index, cmd).map_err(sm_read_err)?;
+                let shards = || catalog::CatalogReader::new(engine.clone(), self.ctx.catalog.clone()).shards();
+                let (changes, resp) = catalog::apply(read, shards, index, cmd).map_err(sm_read_err)?;
                 for (k, v) in changes {
+                    effects.shard_map_changed |= catalog::is_shard_change(&k);
                     match v {
                         Some(v) => batch.put(Cf::Data, k, v),
                         None => batch.delete(Cf::Data, k),
@@ -162,7 +292,113 @@ impl GroupStateMachine {
                 }
                 Ok(CommandResponse::Catalog(resp))
             }
+            Command::Split { expected_epoch, at } => self.apply_split(log_id, *expected_epoch, at, batch, effects),
+            Command::Freeze { .. } | Command::Unfreeze { .. } | Command::Retire { .. } => {
+                self.apply_merge_step(log_id, cmd, batch, effects)
+            }
         }
+    }
+
+    /// One step of a merge (see `shard`): freeze, unfreeze or retire this group.
+    fn apply_merge_step(
+        &self,
+        log_id: &LogId,
+        cmd: &Command,
+        batch: &mut WriteBatch,
+        effects: &mut Effects,
+    ) -> Result<CommandResponse, StorageError> {
+        let state = match &self.state {
+            Some(s) if self.group != keys::META_GROUP => s,
+            _ => return Ok(CommandResponse::WrongGroup("only shard groups merge".into())),
+        };
+        let membership = self.membership.membership();
+        let planned = match cmd {
+            Command::Freeze { into, partner, expected_epoch, start, end, voters } => {
+                let mut actual: Vec<u64> = membership.voter_ids().collect();
+                let mut expected = voters.clone();
+                actual.sort_unstable();
+                expected.sort_unstable();
+                if membership.get_joint_config().len() != 1 || membership.learner_ids().next().is_some() {
+                    Err(MergeRefused::MembershipChanging(self.group))
+                } else if actual != expected {
+                    Err(MergeRefused::ReplicasDiffer { group: self.group, expected, actual })
+                } else if (&state.start, &state.end) != (start, end) && state.merging_into() != Some(*into) {
+                    Err(MergeRefused::EpochChanged {
+                        group: self.group,
+                        expected: *expected_epoch,
+                        current: state.epoch,
+                    })
+                } else {
+                    shard::plan_freeze(state, *into, *partner, *expected_epoch)
+                }
+            }
+            Command::Unfreeze { into } => Ok(shard::plan_unfreeze(state, *into)),
+            Command::Retire { into } => shard::plan_retire(state, *into, *log_id),
+            _ => return Ok(CommandResponse::WrongGroup("not a merge step".into())),
+        };
+        if let Ok(next) = &planned {
+            if next != state {
+                batch.put(Cf::RaftMeta, keys::group_meta_key(self.group, "desc"), json(next)?);
+                effects.state = Some(next.clone());
+            }
+        }
+        Ok(CommandResponse::Merge(planned))
+    }
+
+    /// Splits this group at `at` (see `shard::plan_split`) and seeds each child's raft state
+    /// at the split entry's log id.
+    fn apply_split(
+        &self,
+        log_id: &LogId,
+        expected_epoch: u64,
+        at: &[SplitAt],
+        batch: &mut WriteBatch,
+        effects: &mut Effects,
+    ) -> Result<CommandResponse, StorageError> {
+        let state = match &self.state {
+            Some(s) if self.group != keys::META_GROUP => s,
+            _ => return Ok(CommandResponse::WrongGroup("only shard groups split".into())),
+        };
+        if self.membership.membership().get_joint_config().len() != 1 {
+            return Ok(CommandResponse::Split(Err(SplitRefused::MembershipChanging(self.group))));
+        }
+        let (parent, children) = match shard::plan_split(state, at, expected_epoch, log_id.index) {
+            Ok(planned) => planned,
+            Err(refused) => return Ok(CommandResponse::Split(Err(refused))),
+        };
+        batch.put(Cf::RaftMeta, keys::group_meta_key(self.group, "desc"), json(&parent)?);
+        let membership = StoredMembership::new(Some(*log_id), self.membership.membership().clone());
+        let vote = Vote::new(log_id.leader_id.term, log_id.leader_id.node_id);
+        for child in &children {
+            if self.ctx.local.is_open(child.id) || has_raft_state(&self.engine, child.id).map_err(sm_read_err)? {
+                continue;
+            }
+            let field = |f: &str| keys::group_meta_key(child.id, f);
+            batch.put(Cf::RaftMeta, field("purged"), json(log_id)?);
+            batch.put(Cf::RaftMeta, field("applied"), json(&Some(log_id))?);
+            batch.put(Cf::RaftMeta, field("membership"), json(&membership)?);
+            batch.put(Cf::RaftMeta, field("vote"), json(&vote)?);
+            batch.put(Cf::RaftMeta, field("desc"), json(child)?);
+            effects.born.push(child.clone());
+        }
+        if crate::planted::is_planted("split-drops-entry") {
+            self.planted_drop_last_write(&children, batch)?;
+        }
+        effects.state = Some(parent.clone());
+        Ok(CommandResponse::Split(Ok(SplitDone { parent, children })))
+    }
+
+    /// Planted bug `split-drops-entry`: each child loses the newest document write of its
+    /// range (the document with the highest version is deleted).
+    fn planted_drop_last_write(&self, children: &[GroupState], batch: &mut WriteBatch) -> Result<(), StorageError> {
+        for child in children {
+            let pairs = self.engine.scan(Cf::Data, &child.start, &child.end, usize::MAX).map_err(sm_read_err)?;
+            let newest = pairs.iter().filter_map(|(k, v)| StoredDoc::decode(v).map(|d| (d.version, k.clone()))).max();
+            if let Some((_, key)) = newest {
+                batch.delete(Cf::Data, key);
+            }
+        }
+        Ok(())
     }
 
     /// Applies one atomic document batch of the entry at `index`. `written` holds what
@@ -181,23 +417,30 @@ impl GroupStateMachine {
         if self.group == keys::META_GROUP {
             return Ok(CommandResponse::WrongGroup("document writes go to a shard group".into()));
         }
-        let keys: Vec<Vec<u8>> =
-            doc_batch.ops.iter().map(|op| keys::doc_key(&doc_batch.tenant, &op.collection, &op.id)).collect();
-        for (op, key) in doc_batch.ops.iter().zip(&keys) {
-            if !in_range(key, &self.range.0, &self.range.1) {
-                return Ok(CommandResponse::WrongGroup(format!(
-                    "{}/{} is outside shard {}",
-                    op.collection, op.id, self.group
-                )));
-            }
-        }
+        // The stored answer first: a retry of a request applied before a split must get its
+        // answer, not a refusal that would send it to the child to be applied twice.
         if let Some(id) = &doc_batch.request_id {
             if let Some(earlier) = written.answers.get(id) {
                 return Ok(earlier.clone());
             }
-            if let Some(stored) = engine.get(Cf::Data, &keys::dedup_key(id)).map_err(sm_read_err)? {
+            if let Some(stored) = engine.get(Cf::RaftMeta, &keys::dedup_key(self.group, id)).map_err(sm_read_err)? {
                 // A retried proposal of a request that was applied already.
                 return serde_json::from_slice(&stored).map_err(sm_read_err);
+            }
+        }
+        if let Some(ShardStatus::Frozen { into, .. }) = self.state.as_ref().map(|s| &s.status) {
+            // Certainly not applied: the merge commits (and routes the write to the merged
+            // group) or aborts (and this group takes it) soon.
+            return Ok(CommandResponse::Retry(format!("shard {} is being merged into shard {into}", self.group)));
+        }
+        let keys: Vec<Vec<u8>> =
+            doc_batch.ops.iter().map(|op| keys::doc_key(&doc_batch.tenant, &op.collection, &op.id)).collect();
+        for (op, key) in doc_batch.ops.iter().zip(&keys) {
+            if !self.owns(key) {
+                return Ok(CommandResponse::WrongGroup(format!(
+                    "{}/{} is outside shard {}",
+                    op.collection, op.id, self.group
+                )));
             }
         }
         if keys.iter().any(|k| written.docs.contains(k)) {
@@ -226,39 +469,74 @@ impl GroupStateMachine {
             Err(e) => CommandResponse::Docs(Err(e)),
         };
         if let Some(id) = &doc_batch.request_id {
-            batch.put(Cf::Data, keys::dedup_key(id), serde_json::to_vec(&resp).map_err(sm_write_err)?);
+            batch.put(Cf::RaftMeta, keys::dedup_key(self.group, id), json(&resp)?);
             written.answers.insert(id.to_string(), resp.clone());
             written.request_ids.push(id.to_string());
             // One record per entry listing its request ids (newline separated), for eviction.
-            batch.put(Cf::Data, keys::dedup_index_key(index), written.request_ids.join("\n").into_bytes());
+            batch.put(
+                Cf::RaftMeta,
+                keys::dedup_index_key(self.group, index),
+                written.request_ids.join("\n").into_bytes(),
+            );
         }
         Ok(resp)
     }
 
-    /// Forgets the request applied `DEDUP_WINDOW` entries ago (runs for every entry, so every
+    /// Forgets the requests applied `DEDUP_WINDOW` entries ago (runs for every entry, so every
     /// record is evicted exactly once, deterministically on every replica).
     fn evict_dedup(&self, index: u64, batch: &mut WriteBatch) -> Result<(), StorageError> {
         if self.group == keys::META_GROUP || index <= DEDUP_WINDOW {
             return Ok(());
         }
-        let old = keys::dedup_index_key(index - DEDUP_WINDOW);
-        if let Some(ids) = self.engine.get(Cf::Data, &old).map_err(sm_read_err)? {
+        let old = keys::dedup_index_key(self.group, index - DEDUP_WINDOW);
+        if let Some(ids) = self.engine.get(Cf::RaftMeta, &old).map_err(sm_read_err)? {
             for id in String::from_utf8_lossy(&ids).split('\n') {
-                batch.delete(Cf::Data, keys::dedup_key(id));
+                batch.delete(Cf::RaftMeta, keys::dedup_key(self.group, id));
             }
-            batch.delete(Cf::Data, old);
+            batch.delete(Cf::RaftMeta, old);
         }
         Ok(())
     }
 
+    /// Prefix (in `raft_meta`) of every stored-answer record of this group.
+    fn answers_prefix(&self) -> Vec<u8> {
+        keys::group_meta_key(self.group, "dedup")
+    }
+
     fn capture(&self) -> Result<(SnapshotMeta, Vec<u8>), StorageError> {
-        let pairs = self.engine.scan(Cf::Data, &self.range.0, &self.range.1, usize::MAX).map_err(sm_read_err)?;
+        let data = match &self.state {
+            Some(s) => self.engine.scan(Cf::Data, &s.start, &s.end, usize::MAX).map_err(sm_read_err)?,
+            None => Vec::new(),
+        };
+        let prefix = self.answers_prefix();
+        let answers = self.engine.scan(Cf::RaftMeta, &prefix, &prefix_end(&prefix), usize::MAX).map_err(sm_read_err)?;
         let snapshot_id = match self.applied {
             Some(l) => format!("g{}-t{}-i{}", self.group, l.leader_id.term, l.index),
             None => format!("g{}-empty", self.group),
         };
         let meta = SnapshotMeta { last_log_id: self.applied, last_membership: self.membership.clone(), snapshot_id };
-        Ok((meta, encode_pairs(&pairs)))
+        Ok((meta, SnapshotImage { state: self.state.clone(), data, answers }.encode()))
+    }
+
+    /// Publishes what an apply or install changed, once its batch is written.
+    fn publish(&mut self, effects: Effects) {
+        if let Some(state) = effects.state {
+            self.ctx.local.set(state.clone());
+            if let ShardStatus::Retired { into, .. } = state.status {
+                self.ctx.local.raise(GroupEvent::Retired { group: self.group, into });
+            }
+            self.state = Some(state);
+        }
+        if !effects.born.is_empty() {
+            for child in &effects.born {
+                self.ctx.local.set(child.clone());
+            }
+            let children = effects.born.iter().map(|c| c.id).collect();
+            self.ctx.local.raise(GroupEvent::ChildrenBorn { parent: self.group, children });
+        }
+        if effects.shard_map_changed {
+            self.ctx.catalog.invalidate();
+        }
     }
 }
 
@@ -312,23 +590,21 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
                 continue;
             }
             let mut batch = WriteBatch::new();
+            let mut effects = Effects::default();
             let resp = match &entry.payload {
                 EntryPayload::Blank => CommandResponse::None,
                 EntryPayload::Membership(m) => {
                     self.membership = StoredMembership::new(Some(log_id), m.clone());
-                    batch.put(
-                        Cf::RaftMeta,
-                        keys::group_meta_key(self.group, "membership"),
-                        serde_json::to_vec(&self.membership).map_err(sm_write_err)?,
-                    );
+                    batch.put(Cf::RaftMeta, keys::group_meta_key(self.group, "membership"), json(&self.membership)?);
                     CommandResponse::None
                 }
-                EntryPayload::Normal(cmd) => self.apply_command(log_id.index, cmd, &mut batch)?,
+                EntryPayload::Normal(cmd) => self.apply_command(&log_id, cmd, &mut batch, &mut effects)?,
             };
             self.evict_dedup(log_id.index, &mut batch)?;
             self.put_applied(&mut batch, &log_id)?;
             self.engine.write(batch, false).map_err(sm_write_err)?;
             self.applied = Some(log_id);
+            self.publish(effects);
             responses.push(resp);
         }
         if let Some(a) = self.applied {
@@ -359,37 +635,41 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         snapshot: Box<Cursor<Vec<u8>>>,
     ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
-        let pairs = decode_pairs(&data)
-            .ok_or_else(|| sm_read_err(std::io::Error::other(format!("snapshot {} is malformed", meta.snapshot_id))))?;
+        let malformed =
+            |what: String| sm_read_err(std::io::Error::other(format!("snapshot {}: {what}", meta.snapshot_id)));
+        let image = SnapshotImage::decode(&data).ok_or_else(|| malformed("malformed".into()))?;
+        let state = image.state.clone().or_else(|| self.state.clone());
         let mut batch = WriteBatch::new();
-        batch.delete_range(Cf::Data, self.range.0.clone(), self.range.1.clone());
-        for (k, v) in pairs {
-            if !in_range(&k, &self.range.0, &self.range.1) {
-                return Err(sm_read_err(std::io::Error::other(format!(
-                    "snapshot {} holds key {} outside group {}",
-                    meta.snapshot_id,
-                    keys::to_hex(&k),
-                    self.group
-                ))));
+        if let Some(s) = &state {
+            // Only the snapshot's own range: data beyond it (a split this replica missed)
+            // belongs to another group.
+            batch.delete_range(Cf::Data, s.start.clone(), s.end.clone());
+            batch.put(Cf::RaftMeta, keys::group_meta_key(self.group, "desc"), json(s)?);
+        }
+        for (k, v) in image.data {
+            if !state.as_ref().is_some_and(|s| s.contains(&k)) {
+                return Err(malformed(format!("holds key {} outside group {}", keys::to_hex(&k), self.group)));
             }
             batch.put(Cf::Data, k, v);
         }
-        batch.put(
-            Cf::RaftMeta,
-            keys::group_meta_key(self.group, "applied"),
-            serde_json::to_vec(&meta.last_log_id).map_err(sm_write_err)?,
-        );
-        batch.put(
-            Cf::RaftMeta,
-            keys::group_meta_key(self.group, "membership"),
-            serde_json::to_vec(&meta.last_membership).map_err(sm_write_err)?,
-        );
+        let prefix = self.answers_prefix();
+        batch.delete_range(Cf::RaftMeta, prefix.clone(), prefix_end(&prefix));
+        for (k, v) in image.answers {
+            if !k.starts_with(&prefix) {
+                return Err(malformed(format!("holds a record {} of another group", keys::to_hex(&k))));
+            }
+            batch.put(Cf::RaftMeta, k, v);
+        }
+        batch.put(Cf::RaftMeta, keys::group_meta_key(self.group, "applied"), json(&meta.last_log_id)?);
+        batch.put(Cf::RaftMeta, keys::group_meta_key(self.group, "membership"), json(&meta.last_membership)?);
         self.engine.write(batch, true).map_err(sm_write_err)?;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         if let Ok(mut slot) = self.current_snapshot.lock() {
             *slot = Some((meta.clone(), data));
         }
+        let effects = Effects { state, born: Vec::new(), shard_map_changed: self.group == keys::META_GROUP };
+        self.publish(effects);
         if let Some(a) = self.applied {
             self.applied_progress.advance(a.index);
         }
@@ -416,6 +696,24 @@ mod tests {
         Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(cmd) }
     }
 
+    fn context() -> (SmContext, tokio::sync::mpsc::UnboundedReceiver<GroupEvent>) {
+        let (local, events) = LocalShards::new();
+        (SmContext { local, catalog: Arc::default() }, events)
+    }
+
+    fn first_shard(engine: &Engine) -> GroupStateMachine {
+        GroupStateMachine::open(keys::FIRST_SHARD, engine.clone(), context().0).unwrap()
+    }
+
+    /// The membership entry a group starts with (a split needs a uniform membership).
+    fn members(index: u64) -> Entry {
+        let m = openraft::Membership::new(
+            vec![std::collections::BTreeSet::from([1u64])],
+            std::collections::BTreeMap::from([(1u64, openraft::BasicNode { addr: "a:1".into() })]),
+        );
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Membership(m) }
+    }
+
     fn append(id: &str, request_id: &str) -> Command {
         Command::Docs(DocBatch {
             tenant: "t".into(),
@@ -437,9 +735,7 @@ mod tests {
     #[tokio::test]
     async fn retried_request_applies_once() {
         let engine: Engine = std::sync::Arc::new(MemEngine::new());
-        let mut sm =
-            GroupStateMachine::open(keys::FIRST_SHARD, engine.clone(), keys::initial_group_range(keys::FIRST_SHARD))
-                .unwrap();
+        let mut sm = first_shard(&engine);
         let create = Command::Docs(DocBatch {
             tenant: "t".into(),
             ops: vec![DocOp {
@@ -478,8 +774,7 @@ mod tests {
     #[tokio::test]
     async fn batched_entry_applies_each_batch_on_its_own() {
         let engine: Engine = std::sync::Arc::new(MemEngine::new());
-        let range = keys::initial_group_range(keys::FIRST_SHARD);
-        let mut sm = GroupStateMachine::open(keys::FIRST_SHARD, engine.clone(), range).unwrap();
+        let mut sm = first_shard(&engine);
         let put = |id: &str, rid: &str| {
             docs_of(Command::Docs(DocBatch {
                 tenant: "t".into(),
@@ -500,17 +795,145 @@ mod tests {
         assert!(matches!(&answers[2], CommandResponse::Retry(_)), "{:?}", answers[2]);
         assert_eq!(answers[3], answers[0], "a repeated request id gets the first answer");
         assert!(engine.get(Cf::Data, &keys::doc_key("t", "c", "c")).unwrap().is_none());
-        let ids = engine.get(Cf::Data, &keys::dedup_index_key(7)).unwrap().unwrap();
+        let ids = engine.get(Cf::RaftMeta, &keys::dedup_index_key(keys::FIRST_SHARD, 7)).unwrap().unwrap();
         // The refused batch left no answer behind: proposing it again applies it.
         assert_eq!(String::from_utf8(ids).unwrap(), "r1\nr2");
-        assert!(engine.get(Cf::Data, &keys::dedup_key("r3")).unwrap().is_none());
+        assert!(engine.get(Cf::RaftMeta, &keys::dedup_key(keys::FIRST_SHARD, "r3")).unwrap().is_none());
         // Eviction DEDUP_WINDOW entries later forgets both.
         let mut batch = WriteBatch::new();
         sm.evict_dedup(7 + DEDUP_WINDOW, &mut batch).unwrap();
         engine.write(batch, false).unwrap();
         for rid in ["r1", "r2"] {
-            assert!(engine.get(Cf::Data, &keys::dedup_key(rid)).unwrap().is_none(), "{rid} evicted");
+            assert!(
+                engine.get(Cf::RaftMeta, &keys::dedup_key(keys::FIRST_SHARD, rid)).unwrap().is_none(),
+                "{rid} evicted"
+            );
         }
+    }
+
+    fn put_doc(id: &str, rid: &str) -> Command {
+        Command::Docs(DocBatch {
+            tenant: "t".into(),
+            ops: vec![DocOp {
+                collection: "c".into(),
+                id: id.into(),
+                action: DocAction::Put { json: "{}".into(), expected: None },
+            }],
+            limits: Limits::default(),
+            request_id: Some(rid.into()),
+        })
+    }
+
+    /// A split shrinks the parent, seeds the child at the split entry (so its log, and every
+    /// version it writes, continues above the parent's), refuses writes outside the new
+    /// range, still answers a retry of a request applied before the split, and refuses a
+    /// repeated split by its epoch.
+    #[tokio::test]
+    async fn split_seeds_the_child_and_moves_ownership() {
+        let engine: Engine = Arc::new(MemEngine::new());
+        let (ctx, mut events) = context();
+        let mut sm = GroupStateMachine::open(keys::FIRST_SHARD, engine.clone(), ctx.clone()).unwrap();
+        sm.apply(vec![members(0), entry(1, put_doc("x", "r1"))]).await.unwrap();
+        let split_key = keys::doc_key("t", "c", "m");
+        let split = Command::Split { expected_epoch: 1, at: vec![SplitAt { key: split_key.clone(), child: 9 }] };
+        let out = sm.apply(vec![entry(2, split.clone())]).await.unwrap();
+        let CommandResponse::Split(Ok(done)) = &out[0] else { panic!("unexpected {out:?}") };
+        assert_eq!((done.parent.end.clone(), done.parent.epoch), (split_key.clone(), 2));
+        assert_eq!(done.children[0].born_from, Some((keys::FIRST_SHARD, 2)));
+        assert_eq!(
+            events.try_recv().unwrap(),
+            GroupEvent::ChildrenBorn { parent: keys::FIRST_SHARD, children: vec![9] }
+        );
+        assert_eq!(ctx.local.get(9).map(|c| c.start), Some(split_key.clone()));
+        assert_eq!(ctx.local.range_map().lookup(&keys::doc_key("t", "c", "x")), Some((9, 2)));
+        let purged: LogId =
+            serde_json::from_slice(&engine.get(Cf::RaftMeta, &keys::group_meta_key(9, "purged")).unwrap().unwrap())
+                .unwrap();
+        assert_eq!(purged.index, 2);
+        // The parent no longer takes writes for x, but a retry of r1 gets its first answer.
+        let out = sm.apply(vec![entry(3, put_doc("x", "r2")), entry(4, put_doc("x", "r1"))]).await.unwrap();
+        assert!(matches!(&out[0], CommandResponse::WrongGroup(_)), "{:?}", out[0]);
+        assert!(matches!(&out[1], CommandResponse::Docs(Ok(r)) if r[0].version == 1), "{:?}", out[1]);
+        let again = sm.apply(vec![entry(5, split)]).await.unwrap();
+        assert!(matches!(&again[0], CommandResponse::Split(Err(SplitRefused::EpochChanged { .. }))), "{again:?}");
+        // The child opens with the seeded state.
+        let child = GroupStateMachine::open(9, engine.clone(), ctx).unwrap();
+        assert_eq!(child.applied.map(|l| l.index), Some(2));
+        assert!(child.owns(&keys::doc_key("t", "c", "x")));
+    }
+
+    /// A snapshot carries the group's state and answers; installing it on a replica that
+    /// missed a split replaces only the snapshot's range.
+    #[tokio::test]
+    async fn snapshot_install_replaces_only_its_own_range() {
+        let leader: Engine = Arc::new(MemEngine::new());
+        let mut sm = first_shard(&leader);
+        let split_key = keys::doc_key("t", "c", "m");
+        sm.apply(vec![members(0), entry(1, put_doc("a", "r1")), entry(2, put_doc("x", "r2"))]).await.unwrap();
+        let split = Command::Split { expected_epoch: 1, at: vec![SplitAt { key: split_key.clone(), child: 9 }] };
+        sm.apply(vec![entry(3, split), entry(4, put_doc("b", "r3"))]).await.unwrap();
+        let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+
+        // A lagging replica that only saw the first two writes.
+        let lagging: Engine = Arc::new(MemEngine::new());
+        let mut behind = first_shard(&lagging);
+        behind.apply(vec![members(0), entry(1, put_doc("a", "r1")), entry(2, put_doc("x", "r2"))]).await.unwrap();
+        behind.install_snapshot(&snapshot.meta, snapshot.snapshot).await.unwrap();
+        assert_eq!(behind.state.as_ref().map(|s| s.end.clone()), Some(split_key));
+        assert!(lagging.get(Cf::Data, &keys::doc_key("t", "c", "b")).unwrap().is_some());
+        assert!(
+            lagging.get(Cf::Data, &keys::doc_key("t", "c", "x")).unwrap().is_some(),
+            "data beyond the snapshot's range is left for the group that owns it"
+        );
+        assert!(lagging.get(Cf::RaftMeta, &keys::dedup_key(keys::FIRST_SHARD, "r3")).unwrap().is_some());
+    }
+
+    /// A frozen group refuses writes (retry: certainly not applied) but still answers a
+    /// retry of an earlier request; a merge step is refused for other voters; a retired group
+    /// owns nothing.
+    #[tokio::test]
+    async fn merge_steps_freeze_then_retire_the_group() {
+        let engine: Engine = Arc::new(MemEngine::new());
+        let (ctx, mut events) = context();
+        let mut sm = GroupStateMachine::open(keys::FIRST_SHARD, engine.clone(), ctx).unwrap();
+        sm.apply(vec![members(0), entry(1, put_doc("x", "r1"))]).await.unwrap();
+        let (start, end) = keys::initial_group_range(keys::FIRST_SHARD);
+        let freeze = |voters: Vec<u64>| Command::Freeze {
+            into: 9,
+            partner: 5,
+            expected_epoch: 1,
+            start: start.clone(),
+            end: end.clone(),
+            voters,
+        };
+        let out = sm.apply(vec![entry(2, freeze(vec![1, 2]))]).await.unwrap();
+        assert!(matches!(&out[0], CommandResponse::Merge(Err(MergeRefused::ReplicasDiffer { .. }))), "{out:?}");
+        let out = sm
+            .apply(vec![entry(3, freeze(vec![1])), entry(4, put_doc("y", "r2")), entry(5, put_doc("x", "r1"))])
+            .await
+            .unwrap();
+        assert!(matches!(&out[0], CommandResponse::Merge(Ok(_))), "{out:?}");
+        assert!(matches!(&out[1], CommandResponse::Retry(_)), "{:?}", out[1]);
+        assert!(matches!(&out[2], CommandResponse::Docs(Ok(r)) if r[0].version == 1), "{:?}", out[2]);
+        let out = sm.apply(vec![entry(6, Command::Retire { into: 9 }), entry(7, put_doc("y", "r3"))]).await.unwrap();
+        assert!(matches!(&out[0], CommandResponse::Merge(Ok(g)) if g.is_retired()), "{out:?}");
+        assert!(matches!(&out[1], CommandResponse::WrongGroup(_)), "{:?}", out[1]);
+        assert_eq!(events.try_recv().unwrap(), GroupEvent::Retired { group: keys::FIRST_SHARD, into: 9 });
+        let stored = read_state(&engine, keys::FIRST_SHARD).unwrap().unwrap();
+        assert!(matches!(stored.status, ShardStatus::Retired { into: 9, at, .. } if at.index == 6));
+    }
+
+    #[test]
+    fn snapshot_image_round_trips_and_rejects_truncation() {
+        let image = SnapshotImage {
+            state: Some(GroupState::initial(3, (vec![1], vec![]))),
+            data: vec![(b"a".to_vec(), b"1".to_vec())],
+            answers: vec![(b"k".to_vec(), vec![7; 40])],
+        };
+        let bytes = image.encode();
+        assert_eq!(SnapshotImage::decode(&bytes), Some(image));
+        assert_eq!(SnapshotImage::decode(&bytes[..bytes.len() - 1]), None);
+        assert_eq!(SnapshotImage::decode(&bytes[..10]), None);
     }
 
     #[test]

@@ -6,6 +6,7 @@
 
 use crate::catalog::{CatalogCommand, CatalogResponse};
 use crate::docs::{BatchError, DocBatch, DocWriteResult};
+use crate::shard::{GroupState, MergeRefused, SplitAt, SplitRefused};
 use serde::{Deserialize, Serialize};
 use std::io::Cursor;
 
@@ -27,6 +28,18 @@ pub enum Command {
     DropCollectionData { tenant: String, collection: String },
     /// Catalog changes (meta group only).
     Catalog(CatalogCommand),
+    /// Splits a shard group at the given keys; each child group starts on the same replicas
+    /// with the inherited data (see `shard::plan_split`). Refused unless the group is still
+    /// at `expected_epoch`.
+    Split { expected_epoch: u64, at: Vec<SplitAt> },
+    /// Freezes the group for merging into group `into` with `partner` (see `shard`):
+    /// refused unless it is at `expected_epoch` with range `[start, end)`, active, and its
+    /// voters are `voters`.
+    Freeze { into: GroupId, partner: GroupId, expected_epoch: u64, start: Vec<u8>, end: Vec<u8>, voters: Vec<NodeId> },
+    /// The merge into `into` was aborted: the group serves writes again.
+    Unfreeze { into: GroupId },
+    /// The merge into `into` committed: the group retires (owns nothing from here on).
+    Retire { into: GroupId },
 }
 
 impl Command {
@@ -36,7 +49,14 @@ impl Command {
         match self {
             Command::Docs(b) => b.request_id.is_some(),
             Command::DocsMany(batches) => batches.iter().all(|b| b.request_id.is_some()),
-            Command::DropCollectionData { .. } | Command::Catalog(_) => true,
+            // A repeated split is refused by its epoch check: it never splits twice; the merge
+            // steps are idempotent per merge.
+            Command::DropCollectionData { .. }
+            | Command::Catalog(_)
+            | Command::Split { .. }
+            | Command::Freeze { .. }
+            | Command::Unfreeze { .. }
+            | Command::Retire { .. } => true,
         }
     }
 }
@@ -56,6 +76,17 @@ pub enum CommandResponse {
     /// Refused deterministically, certainly not applied; safe to propose again (a batch of a
     /// `DocsMany` that touched a document an earlier batch of the entry wrote).
     Retry(String),
+    /// A split's outcome: the parent's and children's states after it.
+    Split(Result<SplitDone, SplitRefused>),
+    /// A merge step's outcome: the group's state after it.
+    Merge(Result<GroupState, MergeRefused>),
+}
+
+/// What a split did.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SplitDone {
+    pub parent: GroupState,
+    pub children: Vec<GroupState>,
 }
 
 openraft::declare_raft_types!(
@@ -78,3 +109,4 @@ pub type StoredMembership = openraft::StoredMembership<NodeId, openraft::BasicNo
 pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
 pub type Snapshot = openraft::Snapshot<TypeConfig>;
 pub type StorageError = openraft::StorageError<NodeId>;
+pub type Membership = openraft::Membership<NodeId, openraft::BasicNode>;

@@ -1,0 +1,231 @@
+//! Elastic shards across real processes (issue 5, "done means"):
+//! - a 3-process cluster started with a low `--split-qps` splits a hot collection under load
+//!   by itself, and loses no acknowledged write;
+//! - once the load stops, the idle shards hibernate on every node (`ClusterStatus` and
+//!   `floe ctl shards` show it), and the next request wakes the shard it needs;
+//! - a manual split (`floe ctl split`) at a document: both sides keep serving, and a write
+//!   after the split gets a higher version than before it (versions stay monotonic); a
+//!   manual merge (`floe ctl merge`) of two of the shards: the merged shard serves both
+//!   ranges, versions keep growing, the parts are gone.
+//!
+//! Needs the `floe` binary (see `floe_tests::floe_bin`). Bounded by `TEST_TIMEOUT`.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use floe_client::{Client, Document, ReadConsistency};
+use floe_tests::{client_for, ensure_collection, floe_bin, Cluster};
+use serde_json::{json, Value};
+
+const TEST_TIMEOUT: Duration = Duration::from_secs(150);
+const WRITERS: usize = 8;
+const KEYS: usize = 240;
+
+async fn bounded(body: impl std::future::Future<Output = anyhow::Result<()>>) {
+    match tokio::time::timeout(TEST_TIMEOUT, body).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => panic!("{error:?}"),
+        Err(_) => panic!("test exceeded {} s", TEST_TIMEOUT.as_secs()),
+    }
+}
+
+/// Shards of the cluster as `node` answers: `(id, state)`.
+async fn shards(client: &Client) -> anyhow::Result<Vec<(u64, String)>> {
+    let status = client.cluster_status().await?;
+    Ok(status.shards.iter().map(|s| (s.id, s.state.clone())).collect())
+}
+
+/// What each key's writer knows: the last acknowledged value, and values written after it
+/// whose outcome is unknown.
+#[derive(Default, Clone, Debug)]
+struct KeyLog {
+    acked: Option<u64>,
+    unknown_after: Vec<u64>,
+}
+
+/// Writer `w` owns keys `i` with `i % WRITERS == w` and writes increasing values until `stop`.
+async fn writer(client: Client, collection: &'static str, w: usize, stop: Instant) -> BTreeMap<String, KeyLog> {
+    let mut logs: BTreeMap<String, KeyLog> = BTreeMap::new();
+    let mut value = 0u64;
+    let mut i = w;
+    while Instant::now() < stop {
+        let id = format!("h{:04}", i % KEYS);
+        i += WRITERS;
+        value += 1;
+        let log = logs.entry(id.clone()).or_default();
+        match client.collection(collection).put(&id, &json!({ "v": value, "w": w })).await {
+            Ok(_) => *log = KeyLog { acked: Some(value), unknown_after: Vec::new() },
+            Err(e) if e.is_retryable() && !e.is_outcome_unknown() => {}
+            Err(_) => log.unknown_after.push(value),
+        }
+    }
+    logs
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hot_collection_splits_then_idle_shards_hibernate_and_wake() {
+    bounded(split_hibernate_wake()).await;
+}
+
+async fn split_hibernate_wake() -> anyhow::Result<()> {
+    let args = ["--split-qps", "30", "--split-cooldown", "2s", "--hibernate-after", "3s", "--merge-qps", "0"];
+    let cluster = Cluster::start_with_args(3, &args).await.context("start cluster")?;
+    let endpoints = cluster.grpc_endpoints();
+    let client = client_for(&endpoints)?;
+    ensure_collection(&client, "hot").await?;
+    let before = shards(&client).await?.len();
+
+    // Load until the cluster has split the hot collection (bounded).
+    let load_started = Instant::now();
+    let stop = load_started + Duration::from_secs(25);
+    let tasks: Vec<_> =
+        (0..WRITERS).map(|w| tokio::spawn(writer(client_for(&endpoints).expect("client"), "hot", w, stop))).collect();
+    let mut split_after = None;
+    while Instant::now() < stop {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        if shards(&client).await.map(|s| s.len()).unwrap_or(0) > before {
+            split_after.get_or_insert(load_started.elapsed());
+            // Keep loading a little after the first split: more may follow.
+            if load_started.elapsed() > split_after.unwrap_or_default() + Duration::from_secs(3) {
+                break;
+            }
+        }
+    }
+    let mut logs: BTreeMap<String, KeyLog> = BTreeMap::new();
+    for t in tasks {
+        // Writers stop at `stop`; not waiting for them longer than that keeps the test short.
+        t.abort();
+        if let Ok(part) = t.await {
+            logs.extend(part);
+        }
+    }
+    let Some(split_after) = split_after else {
+        bail!("no split within 25 s of hot load at --split-qps 30:\n{}", cluster.log_tails());
+    };
+    let after = shards(&client).await?.len();
+    eprintln!("split {} s after load onset; shards {before} -> {after}", split_after.as_secs_f64());
+
+    // Nothing acknowledged was lost: a strong read returns the last acknowledged value or a
+    // value whose write outcome was unknown.
+    let hot = client.collection("hot");
+    let mut checked = 0;
+    for (id, log) in &logs {
+        let Some(acked) = log.acked else { continue };
+        let doc: Option<Document<Value>> = hot.get_with(id, ReadConsistency::Strong).await.context("read back")?;
+        let v = doc.as_ref().and_then(|d| d.value.get("v")).and_then(Value::as_u64);
+        if v != Some(acked) && !v.is_some_and(|v| log.unknown_after.contains(&v)) {
+            bail!("{id}: acknowledged {acked} but read {v:?} (unknown outcomes {:?})", log.unknown_after);
+        }
+        checked += 1;
+    }
+    assert!(checked > 50, "only {checked} keys had acknowledged writes");
+
+    // Idle: every shard hibernates on the node we ask.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let pinned = client_for(&endpoints[..1])?;
+    loop {
+        let s = shards(&pinned).await?;
+        if s.iter().all(|(_, state)| state == "hibernating") {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("shards still active 30 s after the load stopped: {s:?}\n{}", cluster.log_tails());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let ctl = std::process::Command::new(floe_bin()?)
+        .args(["ctl", "--endpoints", &endpoints[0], "shards"])
+        .output()
+        .context("floe ctl shards")?;
+    let table = String::from_utf8_lossy(&ctl.stdout);
+    assert!(ctl.status.success() && table.contains("hibernating") && table.contains("default/hot/"), "{table}");
+
+    // The next request wakes the shard it needs, and only that one.
+    let id = logs.keys().next().cloned().unwrap_or_else(|| "h0000".into());
+    let woke = Instant::now();
+    let doc: Option<Document<Value>> = pinned.collection("hot").get_with(&id, ReadConsistency::Strong).await?;
+    let wake_ms = woke.elapsed().as_millis();
+    assert!(doc.is_some(), "{id} is readable after wake-up");
+    eprintln!("wake + strong read of a hibernated shard: {wake_ms} ms");
+    assert!(wake_ms < 2_000, "waking took {wake_ms} ms");
+    let s = shards(&pinned).await?;
+    assert!(s.iter().any(|(_, st)| st == "active"), "the woken shard is active: {s:?}");
+    assert!(s.iter().any(|(_, st)| st == "hibernating"), "the others sleep on: {s:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn manual_split_keeps_serving_and_versions_grow() {
+    bounded(manual_split()).await;
+}
+
+async fn manual_split() -> anyhow::Result<()> {
+    let cluster = Cluster::start_with_args(3, &["--split-qps", "0", "--merge-qps", "0"]).await.context("start")?;
+    let endpoints = cluster.grpc_endpoints();
+    let client = client_for(&endpoints)?;
+    ensure_collection(&client, "users").await?;
+    let users = client.collection("users");
+    let mut versions = BTreeMap::new();
+    for id in ["alice", "bob", "mallory", "zed"] {
+        versions.insert(id, users.put(id, &json!({ "name": id })).await?.version);
+    }
+    let ctl = std::process::Command::new(floe_bin()?)
+        .args(["ctl", "--endpoints", &endpoints.join(","), "split", "--collection", "users", "--ids", "bob,n"])
+        .output()
+        .context("floe ctl split")?;
+    let out = String::from_utf8_lossy(&ctl.stdout);
+    assert!(ctl.status.success(), "{out}{}", String::from_utf8_lossy(&ctl.stderr));
+    assert!(out.contains("default/users/bob") && out.contains("default/users/n"), "{out}");
+    assert_eq!(shards(&client).await?.len(), 3, "one shard split into three");
+    // A split at a key that already starts a shard is refused with a clear message.
+    let again = client.split_at("users", &["bob"]).await;
+    assert!(again.is_err(), "{again:?}");
+
+    for (id, before) in &versions {
+        let doc: Option<Document<Value>> = users.get_with(id, ReadConsistency::Strong).await?;
+        assert_eq!(doc.map(|d| d.version), Some(*before), "{id} kept its version across the split");
+        let after = users.put(id, &json!({ "name": id, "again": true })).await?.version;
+        assert!(after > *before, "{id}: version {after} after the split, {before} before");
+        // Every node serves it (each hosts every shard replica).
+        for e in &endpoints {
+            let pinned = client_for(std::slice::from_ref(e))?;
+            let doc: Option<Document<Value>> = pinned.collection("users").get_with(id, ReadConsistency::Strong).await?;
+            assert_eq!(doc.map(|d| d.version), Some(after), "{id} on {e}");
+        }
+    }
+    // An atomic batch across the new shard boundary is refused, naming the problem.
+    let batch = client.batch().put("users", "alice", &json!({})).put("users", "zed", &json!({})).commit().await;
+    let message = format!("{batch:?}");
+    assert!(message.contains("cross_shard_batch") || message.contains("one shard"), "{message}");
+
+    // Merge the last two shards back into one.
+    let status = client.cluster_status().await?;
+    let mut by_start: Vec<_> = status.shards.iter().map(|s| (s.start_hex.clone(), s.id)).collect();
+    by_start.sort();
+    let (left, right) = (by_start[1].1, by_start[2].1);
+    let mut before = BTreeMap::new();
+    for id in ["bob", "mallory", "zed"] {
+        let doc: Option<Document<Value>> = users.get_with(id, ReadConsistency::Strong).await?;
+        before.insert(id, doc.map(|d| d.version).unwrap_or_default());
+    }
+    let ctl = std::process::Command::new(floe_bin()?)
+        .args(["ctl", "--endpoints", &endpoints.join(","), "merge", &left.to_string(), &right.to_string()])
+        .output()
+        .context("floe ctl merge")?;
+    let out = String::from_utf8_lossy(&ctl.stdout);
+    assert!(ctl.status.success(), "{out}{}", String::from_utf8_lossy(&ctl.stderr));
+    assert!(out.contains(&format!("merged {left} and {right} into shard")), "{out}");
+    let shards_now = shards(&client).await?;
+    assert_eq!(shards_now.len(), 2, "three shards became two: {shards_now:?}");
+    assert!(!shards_now.iter().any(|(id, _)| *id == left || *id == right), "the parts are gone: {shards_now:?}");
+    for (id, v) in &before {
+        let doc: Option<Document<Value>> = users.get_with(id, ReadConsistency::Strong).await?;
+        assert_eq!(doc.map(|d| d.version), Some(*v), "{id} kept its version across the merge");
+        let after = users.put(id, &json!({ "merged": true })).await?.version;
+        assert!(after > *v, "{id}: version {after} after the merge, {v} before");
+    }
+    // Both former parts' documents now commit together.
+    client.batch().put("users", "bob", &json!({})).put("users", "zed", &json!({})).commit().await?;
+    Ok(())
+}
