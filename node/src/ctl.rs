@@ -71,11 +71,11 @@ pub async fn run(args: CtlArgs) -> Result<()> {
             print!("{}", render_shards(&cluster));
         }
         CtlCommand::Split { shard, collection, ids, tenant } => {
-            let client = Client::builder()
-                .endpoints(args.endpoints.iter().cloned())
-                .tenant(tenant)
-                .build()
-                .context("building the client")?;
+            let mut builder = Client::builder().endpoints(args.endpoints.iter().cloned());
+            if !tenant.is_empty() {
+                builder = builder.tenant(tenant);
+            }
+            let client = builder.build().context("building the client")?;
             let shards = match (shard, collection) {
                 (Some(id), _) => client.split_shard_in_half(id).await?,
                 (None, Some(c)) => {

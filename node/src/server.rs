@@ -130,6 +130,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     if let Some(member) = &config.join {
         join(&config, member, &host).await?;
     }
+    api.mark_started();
     let http = if config.http_addr.ends_with(":0") { http_addr.to_string() } else { config.http_addr.clone() };
     tasks.push(tokio::spawn(register(config.clone(), http, host.clone(), stop_rx)));
     Ok(RunningNode { api, host, grpc_addr, http_addr, stop, tasks })

@@ -33,10 +33,17 @@ pub enum ShardStatus {
     #[default]
     Active,
     /// Taking part in merging into group `into` with `partner`: its data is final (writes
-    /// are refused), reads are served, until the merge retires it or is aborted.
-    Frozen { into: GroupId, partner: GroupId },
+    /// are refused), reads are served, until the merge retires it or is aborted. `members`
+    /// is the membership it was frozen with (uniform, checked): the merged group's, whatever
+    /// membership change might slip in after the freeze.
+    Frozen { into: GroupId, partner: GroupId, members: Box<crate::raft::types::Membership> },
     /// Merged into `into`; owns nothing. `at` is the log id of the entry that retired it.
-    Retired { into: GroupId, partner: GroupId, at: crate::raft::types::LogId },
+    Retired {
+        into: GroupId,
+        partner: GroupId,
+        at: crate::raft::types::LogId,
+        members: Box<crate::raft::types::Membership>,
+    },
 }
 
 /// Bound on the aborted merges a group remembers (a late freeze of one of them is refused).
@@ -157,13 +164,15 @@ pub enum MergeRefused {
     MembershipChanging(GroupId),
 }
 
-/// `group` frozen for merging into `into` with `partner`. Idempotent: a group already frozen
+/// `group` frozen for merging into `into` with `partner`, with membership `members` (the
+/// caller checked it is uniform and the expected voters). Idempotent: a group already frozen
 /// for this merge stays as it is.
 pub fn plan_freeze(
     group: &GroupState,
     into: GroupId,
     partner: GroupId,
     expected_epoch: u64,
+    members: &crate::raft::types::Membership,
 ) -> Result<GroupState, MergeRefused> {
     match &group.status {
         ShardStatus::Frozen { into: i, .. } if *i == into => return Ok(group.clone()),
@@ -177,7 +186,7 @@ pub fn plan_freeze(
         return Err(MergeRefused::EpochChanged { group: group.id, expected: expected_epoch, current: group.epoch });
     }
     let mut frozen = group.clone();
-    frozen.status = ShardStatus::Frozen { into, partner };
+    frozen.status = ShardStatus::Frozen { into, partner, members: Box::new(members.clone()) };
     Ok(frozen)
 }
 
@@ -205,32 +214,39 @@ pub fn plan_retire(
 ) -> Result<GroupState, MergeRefused> {
     match group.status {
         ShardStatus::Retired { into: i, .. } if i == into => Ok(group.clone()),
-        ShardStatus::Frozen { into: i, partner } if i == into => {
+        ShardStatus::Frozen { into: i, partner, ref members } if i == into => {
             let mut g = group.clone();
-            g.status = ShardStatus::Retired { into, partner, at };
+            g.status = ShardStatus::Retired { into, partner, at, members: members.clone() };
             Ok(g)
         }
         _ => Err(MergeRefused::NotFrozen { group: group.id, merge: into }),
     }
 }
 
-/// The merged group's state and its starting log position, from its two retired parts (in
-/// any order). The position is above both parts' last entries, so every version the merged
-/// group writes is above every version its parts wrote. `None` unless both retired into the
-/// same group and are adjacent.
-pub fn merged_state(a: &GroupState, b: &GroupState) -> Option<(GroupState, crate::raft::types::LogId)> {
-    let (ShardStatus::Retired { into: ia, at: at_a, .. }, ShardStatus::Retired { into: ib, at: at_b, .. }) =
-        (&a.status, &b.status)
+/// The merged group's state, its starting log position and its membership, from its two
+/// retired parts (in any order). The position is above both parts' last entries, so every
+/// version the merged group writes is above every version its parts wrote; the membership
+/// is the one the left part was frozen with (both parts were frozen with the same voters),
+/// so every node computes the same. `None` unless both retired into the same group and are
+/// adjacent.
+pub fn merged_state(
+    a: &GroupState,
+    b: &GroupState,
+) -> Option<(GroupState, crate::raft::types::LogId, crate::raft::types::Membership)> {
+    let (
+        ShardStatus::Retired { into: ia, at: at_a, members: members_a, .. },
+        ShardStatus::Retired { into: ib, at: at_b, members: members_b, .. },
+    ) = (&a.status, &b.status)
     else {
         return None;
     };
     if ia != ib {
         return None;
     }
-    let (left, right) = if !a.end.is_empty() && a.end == b.start {
-        (a, b)
+    let (left, right, members) = if !a.end.is_empty() && a.end == b.start {
+        (a, b, members_a)
     } else if !b.end.is_empty() && b.end == a.start {
-        (b, a)
+        (b, a, members_b)
     } else {
         return None;
     };
@@ -250,7 +266,7 @@ pub fn merged_state(a: &GroupState, b: &GroupState) -> Option<(GroupState, crate
         merged_from: vec![(a.id, at_a.index), (b.id, at_b.index)],
         aborted_merges: Vec::new(),
     };
-    Some((merged, base))
+    Some((merged, base, (**members).clone()))
 }
 
 /// The parent's and children's states after splitting `parent` at `at` (the split entry at
@@ -427,39 +443,51 @@ mod tests {
         crate::raft::types::LogId::new(openraft::CommittedLeaderId::new(term, 1), index)
     }
 
+    fn members(voters: &[u64]) -> crate::raft::types::Membership {
+        let nodes: std::collections::BTreeMap<u64, openraft::BasicNode> =
+            voters.iter().map(|v| (*v, openraft::BasicNode { addr: format!("n{v}") })).collect();
+        crate::raft::types::Membership::new(vec![voters.iter().copied().collect()], nodes)
+    }
+
     /// Freeze, retire, merged state: the merged group spans both, starts above both parts'
     /// last entries at a higher epoch than either, and covers their session positions.
     #[test]
     fn merge_steps_make_one_group_above_both_parts() {
         let left = state(3, b"c", b"m", 4);
         let right = state(5, b"m", b"t", 6);
-        assert!(matches!(plan_freeze(&left, 9, 5, 3), Err(MergeRefused::EpochChanged { .. })));
-        let l = plan_freeze(&left, 9, 5, 4).unwrap();
-        assert_eq!(plan_freeze(&l, 9, 5, 4).unwrap(), l, "freezing twice is a no-op");
-        assert!(matches!(plan_freeze(&l, 10, 5, 4), Err(MergeRefused::NotActive { .. })), "one merge at a time");
+        let m = members(&[1, 2, 3]);
+        assert!(matches!(plan_freeze(&left, 9, 5, 3, &m), Err(MergeRefused::EpochChanged { .. })));
+        let l = plan_freeze(&left, 9, 5, 4, &m).unwrap();
+        assert_eq!(plan_freeze(&l, 9, 5, 4, &m).unwrap(), l, "freezing twice is a no-op");
+        assert!(matches!(plan_freeze(&l, 10, 5, 4, &m), Err(MergeRefused::NotActive { .. })), "one merge at a time");
         assert!(l.contains(b"d"), "a frozen group still owns (serves reads of) its range");
-        let r = plan_freeze(&right, 9, 3, 6).unwrap();
+        let r = plan_freeze(&right, 9, 3, 6, &m).unwrap();
         assert!(plan_retire(&left, 9, log_id(2, 40)).is_err(), "only a frozen group retires");
         let l = plan_retire(&l, 9, log_id(2, 40)).unwrap();
         assert!(!l.contains(b"d"), "a retired group owns nothing");
         assert_eq!(merged_state(&l, &r), None, "the right part has not retired yet");
         let r = plan_retire(&r, 9, log_id(3, 25)).unwrap();
-        let (m, base) = merged_state(&r, &l).unwrap();
-        assert_eq!((m.id, m.start.as_slice(), m.end.as_slice(), m.epoch), (9, &b"c"[..], &b"t"[..], 7));
+        let (merged, base, merged_members) = merged_state(&r, &l).unwrap();
+        assert_eq!(
+            (merged.id, merged.start.as_slice(), merged.end.as_slice(), merged.epoch),
+            (9, &b"c"[..], &b"t"[..], 7)
+        );
         assert_eq!((base.index, base.leader_id.term), (40, 3), "above both parts, in the newest term");
-        assert_eq!(m.merged_from, vec![(5, 25), (3, 40)]);
-        let gap = plan_retire(&plan_freeze(&state(6, b"u", b"z", 1), 9, 3, 1).unwrap(), 9, log_id(1, 9)).unwrap();
+        assert_eq!(merged.merged_from, vec![(5, 25), (3, 40)]);
+        assert_eq!(merged_members, m, "the membership the parts were frozen with");
+        let gap = plan_retire(&plan_freeze(&state(6, b"u", b"z", 1), 9, 3, 1, &m).unwrap(), 9, log_id(1, 9)).unwrap();
         assert_eq!(merged_state(&l, &gap), None, "not adjacent");
     }
 
     #[test]
     fn an_aborted_merge_never_freezes_again() {
         let g = state(3, b"c", b"m", 4);
-        let frozen = plan_freeze(&g, 9, 5, 4).unwrap();
+        let m = members(&[1]);
+        let frozen = plan_freeze(&g, 9, 5, 4, &m).unwrap();
         let back = plan_unfreeze(&frozen, 9);
         assert_eq!(back.status, ShardStatus::Active);
-        assert!(matches!(plan_freeze(&back, 9, 5, 4), Err(MergeRefused::Aborted { .. })));
-        assert!(plan_freeze(&back, 11, 5, 4).is_ok(), "another merge may");
+        assert!(matches!(plan_freeze(&back, 9, 5, 4, &m), Err(MergeRefused::Aborted { .. })));
+        assert!(plan_freeze(&back, 11, 5, 4, &m).is_ok(), "another merge may");
         let mut many = back;
         for m in 100..100 + ABORTED_MERGES_MAX as u64 + 5 {
             many = plan_unfreeze(&many, m);

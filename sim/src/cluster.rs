@@ -129,6 +129,7 @@ impl SimCluster {
         let inbound: Arc<dyn Inbound> = Arc::new(host.clone());
         net.attach(id, inbound, tasks.clone());
         tasks.scope(server::bootstrap(&node.config, &host)).await.map_err(|e| e.to_string())?;
+        api.mark_started();
         let (stop, stop_rx) = watch::channel(false);
         tasks.spawn(server::register(node.config.clone(), node.config.http_addr.clone(), host.clone(), stop_rx));
         let dead = Arc::new(Flag::new());

@@ -11,6 +11,8 @@
 //! Needs the `floe` binary (see `floe_tests::floe_bin`). Bounded by `TEST_TIMEOUT`.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -44,12 +46,19 @@ struct KeyLog {
     unknown_after: Vec<u64>,
 }
 
-/// Writer `w` owns keys `i` with `i % WRITERS == w` and writes increasing values until `stop`.
-async fn writer(client: Client, collection: &'static str, w: usize, stop: Instant) -> BTreeMap<String, KeyLog> {
+/// Writer `w` owns keys `i` with `i % WRITERS == w` and writes increasing values until
+/// `stop` is raised or the deadline passes.
+async fn writer(
+    client: Client,
+    collection: &'static str,
+    w: usize,
+    deadline: Instant,
+    stop: Arc<AtomicBool>,
+) -> BTreeMap<String, KeyLog> {
     let mut logs: BTreeMap<String, KeyLog> = BTreeMap::new();
     let mut value = 0u64;
     let mut i = w;
-    while Instant::now() < stop {
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
         let id = format!("h{:04}", i % KEYS);
         i += WRITERS;
         value += 1;
@@ -79,8 +88,10 @@ async fn split_hibernate_wake() -> anyhow::Result<()> {
     // Load until the cluster has split the hot collection (bounded).
     let load_started = Instant::now();
     let stop = load_started + Duration::from_secs(25);
-    let tasks: Vec<_> =
-        (0..WRITERS).map(|w| tokio::spawn(writer(client_for(&endpoints).expect("client"), "hot", w, stop))).collect();
+    let halt = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..WRITERS)
+        .map(|w| tokio::spawn(writer(client_for(&endpoints).expect("client"), "hot", w, stop, halt.clone())))
+        .collect();
     let mut split_after = None;
     while Instant::now() < stop {
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -92,13 +103,10 @@ async fn split_hibernate_wake() -> anyhow::Result<()> {
             }
         }
     }
+    halt.store(true, Ordering::Relaxed);
     let mut logs: BTreeMap<String, KeyLog> = BTreeMap::new();
     for t in tasks {
-        // Writers stop at `stop`; not waiting for them longer than that keeps the test short.
-        t.abort();
-        if let Ok(part) = t.await {
-            logs.extend(part);
-        }
+        logs.extend(t.await.context("writer task")?);
     }
     let Some(split_after) = split_after else {
         bail!("no split within 25 s of hot load at --split-qps 30:\n{}", cluster.log_tails());

@@ -149,7 +149,9 @@ impl NodeApi {
         };
         // The parent's leader reports the split too (and keeps reporting until the catalog has
         // it); reporting here makes the catalog current before this call returns.
-        let parent_desc = self.catalog.shard_map()?.shards.get(&shard).cloned();
+        // The children's voters are the parent's (from its membership on this node).
+        let parent_desc =
+            self.host.shard_desc(shard).or_else(|| self.catalog.shard_map().ok()?.shards.get(&shard).cloned());
         let (replicas, replicas_at) = parent_desc.map(|d| (d.replicas, d.replicas_at)).unwrap_or_default();
         let shards = std::iter::once(&done.parent)
             .chain(&done.children)
@@ -191,14 +193,10 @@ impl NodeApi {
         if l.end.is_empty() || l.end != r.start {
             return Err(ApiError::invalid("invalid_merge", format!("shards {left} and {right} are not adjacent")));
         }
-        let mut voters = l.replicas.clone();
-        let mut right_voters = r.replicas.clone();
-        voters.sort_unstable();
-        right_voters.sort_unstable();
-        if voters != right_voters {
+        if l.replicas.len() != r.replicas.len() || l.replicas.iter().any(|n| !r.replicas.contains(n)) {
             return Err(ApiError::invalid(
                 "invalid_merge",
-                format!("shards {} and {} are on different replicas ({voters:?}, {right_voters:?})", l.id, r.id),
+                format!("shards {} and {} are on different replicas ({:?}, {:?})", l.id, r.id, l.replicas, r.replicas),
             ));
         }
         // Plan against what the parts are now (a linearizable read of each brings this
@@ -212,6 +210,19 @@ impl NodeApi {
             })?);
         }
         let (left_state, right_state) = (parts[0].clone(), parts[1].clone());
+        // The voters to freeze with: the parts' memberships as applied here (the catalog's
+        // replica lists may lag); each freeze checks its part's own.
+        let voters_of = |id: GroupId| self.host.shard_desc(id).map(|d| d.replicas).unwrap_or_default();
+        let mut voters = voters_of(l.id);
+        let mut right_voters = voters_of(r.id);
+        voters.sort_unstable();
+        right_voters.sort_unstable();
+        if voters.is_empty() || voters != right_voters {
+            return Err(ApiError::invalid(
+                "invalid_merge",
+                format!("shards {} and {} are on different replicas ({voters:?}, {right_voters:?})", l.id, r.id),
+            ));
+        }
         if left_state.end.is_empty() || left_state.end != right_state.start {
             return Err(ApiError::Unavailable {
                 message: format!(
@@ -262,8 +273,14 @@ impl NodeApi {
         }
         let deadline = tokio::time::Instant::now() + MERGED_START_TIMEOUT;
         loop {
-            if let Some(state) = self.host.local.get(into) {
+            if let Some(state) = self.host.local.get(into).filter(|_| self.host.group(into).is_some()) {
                 tracing::info!(into, left = l.id, right = r.id, epoch = state.epoch, "shards merged");
+                // The merged shard's leader reports it too (and keeps reporting until the
+                // catalog has it); reporting here makes the catalog current before this call
+                // returns (it removes the parts).
+                if let Err(e) = self.host.report_shards(&[into]).await {
+                    tracing::debug!(into, error = %e, "reporting the merge; the leader's report retries");
+                }
                 return Ok(state);
             }
             if tokio::time::Instant::now() > deadline {

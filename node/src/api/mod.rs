@@ -159,6 +159,8 @@ pub struct NodeApi {
     load: Mutex<BTreeMap<GroupId, GroupLoad>>,
     /// Request ids: `node-nonce-counter`, unique across restarts (the nonce is random).
     request_nonce: u64,
+    /// Set once the node finished starting (bootstrap, or its join).
+    started: std::sync::atomic::AtomicBool,
     request_counter: std::sync::atomic::AtomicU64,
 }
 
@@ -189,6 +191,7 @@ impl NodeApi {
             placement,
             load: Mutex::new(BTreeMap::new()),
             request_nonce,
+            started: std::sync::atomic::AtomicBool::new(false),
             request_counter: std::sync::atomic::AtomicU64::new(0),
         }
     }
@@ -675,17 +678,36 @@ impl NodeApi {
             CatalogResponse::CollectionDropped { existed } => existed,
             other => return Err(ApiError::Internal { message: format!("unexpected catalog result {other:?}") }),
         };
+        // Walk the collection's key range shard by shard, as the shards own it now; a shard
+        // being merged (retry) or split or merged away meanwhile (wrong group) is walked again.
         let prefix = keys::collection_prefix(tenant, name);
         let end = crate::storage::engine::prefix_end(&prefix);
-        for shard in self.catalog.shard_map()?.shards.values() {
-            let overlaps = crate::shard::GroupState::initial(shard.id, (shard.start.clone(), shard.end.clone()))
-                .overlaps(&prefix, &end);
-            if overlaps {
-                let cmd = Command::DropCollectionData { tenant: tenant.into(), collection: name.into() };
-                self.host.propose(shard.id, cmd).await?;
+        let mut cursor = prefix;
+        let mut attempt = 0;
+        loop {
+            let group = self.route(&cursor)?;
+            let cmd = Command::DropCollectionData { tenant: tenant.into(), collection: name.into() };
+            match self.host.propose(group, cmd).await? {
+                (_, CommandResponse::Dropped) => {
+                    let shard_end = match self.host.local.get(group) {
+                        Some(s) => s.end,
+                        None => self.catalog.shard_map()?.shards.get(&group).map(|s| s.end.clone()).unwrap_or_default(),
+                    };
+                    if shard_end.is_empty() || shard_end >= end {
+                        return Ok(existed);
+                    }
+                    cursor = shard_end;
+                }
+                (index, CommandResponse::Retry(m) | CommandResponse::WrongGroup(m)) => {
+                    if let Some(h) = self.host.group(group) {
+                        h.wait_applied(index, Duration::from_millis(200)).await;
+                    }
+                    self.before_reroute(attempt, &format!("dropping {name} ({m})")).await?;
+                    attempt += 1;
+                }
+                (_, other) => return Err(ApiError::Internal { message: format!("unexpected drop result {other:?}") }),
             }
         }
-        Ok(existed)
     }
 
     /// Nodes and shards as this node sees them.
@@ -728,14 +750,21 @@ impl NodeApi {
         Ok(ClusterStatus { answered_by: self.node_id, meta_leader, nodes, shards })
     }
 
-    /// True once this node can serve: its meta replica knows the shard map, the meta group
-    /// has a leader, and every shard group running here has one (hibernated groups wake on
-    /// the first request).
+    /// True once this node can serve: it finished starting (a joining node: its join), its
+    /// meta replica knows the shard map, the meta group has a leader, and every shard group
+    /// running here has one (hibernated groups wake on the first request).
     pub fn is_ready(&self) -> bool {
         let Ok(map) = self.catalog.shard_map() else { return false };
-        !map.shards.is_empty()
+        self.started.load(std::sync::atomic::Ordering::Acquire)
+            && !map.shards.is_empty()
             && map.shards.keys().all(|id| self.host.group(*id).is_none_or(|g| g.leader().is_some()))
             && self.host.group(keys::META_GROUP).is_some_and(|g| g.leader().is_some())
+    }
+
+    /// Marks the node started (readiness waits for it: a joining node is not ready before it
+    /// is a voter everywhere).
+    pub fn mark_started(&self) {
+        self.started.store(true, std::sync::atomic::Ordering::Release);
     }
 
     /// Bound on how long a request handler may run in total.

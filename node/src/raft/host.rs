@@ -429,7 +429,7 @@ impl RaftHost {
         Box::pin(async move { host.start_group(group).await })
     }
 
-    fn lifecycle_lock(&self, group: GroupId) -> Arc<tokio::sync::Mutex<()>> {
+    pub(super) fn lifecycle_lock(&self, group: GroupId) -> Arc<tokio::sync::Mutex<()>> {
         match self.lifecycle.lock() {
             Ok(mut locks) => locks.entry(group).or_default().clone(),
             // A poisoned registry: a fresh lock still serializes nothing else; the start
@@ -462,6 +462,11 @@ impl RaftHost {
         }
         let lock = self.lifecycle_lock(group);
         let _started = lock.lock().await;
+        self.start_group_locked(group).await
+    }
+
+    /// `start_group` for a caller that holds the group's lifecycle lock.
+    pub(super) async fn start_group_locked(self: &Arc<Self>, group: GroupId) -> Result<Arc<GroupHandle>, GroupError> {
         if let Some(h) = self.group(group) {
             return Ok(h);
         }

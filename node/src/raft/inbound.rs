@@ -168,14 +168,7 @@ impl Inbound for Arc<RaftHost> {
             let h = host.replica_for_raft(group).await?;
             let snapshot =
                 openraft::Snapshot::<TypeConfig> { meta: header.meta, snapshot: Box::new(Cursor::new(data)) };
-            let reply = h.raft.install_full_snapshot(header.vote, snapshot).await;
-            // A merged group's snapshot replaces its parts' data here: their replicas go.
-            if reply.is_ok() && host.local.get(group).is_some() {
-                for part in host.local.merge_parts(group) {
-                    host.destroy_group(part.id).await;
-                }
-            }
-            encode(&reply)
+            encode(&h.raft.install_full_snapshot(header.vote, snapshot).await)
         })
     }
 }

@@ -90,14 +90,16 @@ impl LocalShards {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
-    /// Groups other than `group` whose range shares a key with `[start, end)`, except the
-    /// parts of a merge into `group` (their data is final; `group` replaces them).
+    /// Groups other than `group` that own a key of `[start, end)`, except the parts of a merge
+    /// into `group` (their data is final; `group` replaces them). A retired group owns
+    /// nothing.
     pub fn overlapping(&self, start: &[u8], end: &[u8], group: GroupId) -> Vec<GroupState> {
         self.states
             .lock()
             .map(|s| {
                 s.values()
-                    .filter(|g| g.id != group && g.merging_into() != Some(group) && g.overlaps(start, end))
+                    .filter(|g| g.id != group && !g.is_retired() && g.merging_into() != Some(group))
+                    .filter(|g| g.overlaps(start, end))
                     .cloned()
                     .collect()
             })

@@ -8,10 +8,13 @@
 //!
 //! Invariants:
 //! - the merged group is seeded only when both parts retired into it on this node and it has
-//!   no raft state and was never started here; otherwise it comes from its leader (empty
-//!   replica, then a snapshot);
-//! - a part is destroyed only once the merged group exists here (so no key is left without a
-//!   local owner that routing or the overlap checks could miss).
+//!   no raft state and was never started here (checked and written under its lifecycle
+//!   lock); otherwise it comes from its leader (empty replica, then a snapshot);
+//! - its membership is the one the parts were frozen with (recorded by the freeze), so every
+//!   node seeds the same configuration at the same log position;
+//! - a part's replica is destroyed only once the catalog tombstoned it (`obsolete_replicas`):
+//!   the merged group then has a leader that reported it, and no replica of the part is
+//!   needed to commit anything.
 
 use super::host::{GroupError, RaftHost};
 use super::state_machine;
@@ -23,49 +26,45 @@ use crate::storage::{Cf, WriteBatch};
 use std::sync::Arc;
 
 impl RaftHost {
-    /// After a part of merge `into` retired here: start the merged group if both parts have,
-    /// then destroy the parts' replicas.
+    /// After a part of merge `into` retired here: start the merged group if both parts have.
+    /// The parts keep running (they own nothing) until the catalog tombstones them: a part's
+    /// other replicas may still need this one to commit its retirement.
     pub(super) async fn on_part_retired(self: &Arc<Self>, into: GroupId) -> Result<(), GroupError> {
+        let fatal = |reason: String| GroupError::Fatal { group: into, reason };
+        // Held across the check, the seed and the start: an empty replica of the merged
+        // group created meanwhile (its leader's first message) must never get the seed
+        // written under it.
+        let lock = self.lifecycle_lock(into);
+        let _creating = lock.lock().await;
+        let seeded = self.local.is_open(into)
+            || self.group(into).is_some()
+            || state_machine::has_raft_state(self.engine(), into).map_err(|e| fatal(e.to_string()))?;
+        if seeded {
+            return Ok(());
+        }
         let parts = self.local.merge_parts(into);
         let retired: Vec<&shard::GroupState> = parts.iter().filter(|p| p.is_retired()).collect();
-        let fatal = |reason: String| GroupError::Fatal { group: into, reason };
-        if !self.local.is_open(into)
-            && !state_machine::has_raft_state(self.engine(), into).map_err(|e| fatal(e.to_string()))?
-        {
-            let [a, b] = retired.as_slice() else { return Ok(()) };
-            let Some((merged, base)) = shard::merged_state(a, b) else {
-                return Err(fatal(format!("parts {} and {} do not make one range", a.id, b.id)));
-            };
-            // The parts had the same voters (checked when they froze); take the first's.
-            let membership: StoredMembership = self
-                .engine()
-                .get(Cf::RaftMeta, &keys::group_meta_key(a.id, "membership"))
-                .map_err(|e| fatal(e.to_string()))?
-                .and_then(|v| serde_json::from_slice(&v).ok())
-                .ok_or_else(|| fatal(format!("part {} has no membership", a.id)))?;
-            let membership = StoredMembership::new(Some(base), membership.membership().clone());
-            let vote = Vote::new(base.leader_id.term, base.leader_id.node_id);
-            let field = |f: &str| keys::group_meta_key(into, f);
-            let mut seed = WriteBatch::new();
-            seed.put(Cf::RaftMeta, field("purged"), to_json(&base, into)?);
-            seed.put(Cf::RaftMeta, field("applied"), to_json(&Some(base), into)?);
-            seed.put(Cf::RaftMeta, field("membership"), to_json(&membership, into)?);
-            seed.put(Cf::RaftMeta, field("vote"), to_json(&vote, into)?);
-            seed.put(Cf::RaftMeta, field("desc"), to_json(&merged, into)?);
-            self.write_synced(seed).await.map_err(|e| fatal(e.to_string()))?;
-            self.local.set(merged);
-            let led_a_part = retired.iter().any(|p| self.group(p.id).is_some_and(|h| h.is_leader()));
-            let h = self.start_group(into).await?;
-            if led_a_part {
-                let _ = h.raft.trigger().elect().await;
-            }
-            tracing::info!(into, parts = ?[a.id, b.id], base = base.index, "merged group started");
+        let [a, b] = retired.as_slice() else { return Ok(()) };
+        let Some((merged, base, members)) = shard::merged_state(a, b) else {
+            return Err(fatal(format!("parts {} and {} do not make one range", a.id, b.id)));
+        };
+        let membership = StoredMembership::new(Some(base), members);
+        let vote = Vote::new(base.leader_id.term, base.leader_id.node_id);
+        let field = |f: &str| keys::group_meta_key(into, f);
+        let mut seed = WriteBatch::new();
+        seed.put(Cf::RaftMeta, field("purged"), to_json(&base, into)?);
+        seed.put(Cf::RaftMeta, field("applied"), to_json(&Some(base), into)?);
+        seed.put(Cf::RaftMeta, field("membership"), to_json(&membership, into)?);
+        seed.put(Cf::RaftMeta, field("vote"), to_json(&vote, into)?);
+        seed.put(Cf::RaftMeta, field("desc"), to_json(&merged, into)?);
+        self.write_synced(seed).await.map_err(|e| fatal(e.to_string()))?;
+        self.local.set(merged);
+        let led_a_part = retired.iter().any(|p| self.group(p.id).is_some_and(|h| h.is_leader()));
+        let h = self.start_group_locked(into).await?;
+        if led_a_part {
+            let _ = h.raft.trigger().elect().await;
         }
-        if self.local.get(into).is_some() {
-            for part in parts.iter().filter(|p| p.is_retired()) {
-                self.destroy_group(part.id).await;
-            }
-        }
+        tracing::info!(into, parts = ?[a.id, b.id], base = base.index, "merged group started");
         Ok(())
     }
 

@@ -329,7 +329,7 @@ impl GroupStateMachine {
                         current: state.epoch,
                     })
                 } else {
-                    shard::plan_freeze(state, *into, *partner, *expected_epoch)
+                    shard::plan_freeze(state, *into, *partner, *expected_epoch, membership)
                 }
             }
             Command::Unfreeze { into } => Ok(shard::plan_unfreeze(state, *into)),
@@ -359,7 +359,9 @@ impl GroupStateMachine {
             Some(s) if self.group != keys::META_GROUP => s,
             _ => return Ok(CommandResponse::WrongGroup("only shard groups split".into())),
         };
-        if self.membership.membership().get_joint_config().len() != 1 {
+        let membership = self.membership.membership();
+        if membership.get_joint_config().len() != 1 || membership.learner_ids().next().is_some() {
+            // A learner being caught up (a join) would stay a learner of the children.
             return Ok(CommandResponse::Split(Err(SplitRefused::MembershipChanging(self.group))));
         }
         let (parent, children) = match shard::plan_split(state, at, expected_epoch, log_id.index) {
@@ -505,8 +507,11 @@ impl GroupStateMachine {
 
     fn capture(&self) -> Result<(SnapshotMeta, Vec<u8>), StorageError> {
         let data = match &self.state {
-            Some(s) => self.engine.scan(Cf::Data, &s.start, &s.end, usize::MAX).map_err(sm_read_err)?,
-            None => Vec::new(),
+            // A retired group owns nothing (its range is the merged group's).
+            Some(s) if !s.is_retired() => {
+                self.engine.scan(Cf::Data, &s.start, &s.end, usize::MAX).map_err(sm_read_err)?
+            }
+            _ => Vec::new(),
         };
         let prefix = self.answers_prefix();
         let answers = self.engine.scan(Cf::RaftMeta, &prefix, &prefix_end(&prefix), usize::MAX).map_err(sm_read_err)?;
@@ -642,8 +647,10 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         let mut batch = WriteBatch::new();
         if let Some(s) = &state {
             // Only the snapshot's own range: data beyond it (a split this replica missed)
-            // belongs to another group.
-            batch.delete_range(Cf::Data, s.start.clone(), s.end.clone());
+            // belongs to another group. A retired group's range is the merged group's.
+            if !s.is_retired() {
+                batch.delete_range(Cf::Data, s.start.clone(), s.end.clone());
+            }
             batch.put(Cf::RaftMeta, keys::group_meta_key(self.group, "desc"), json(s)?);
         }
         for (k, v) in image.data {
