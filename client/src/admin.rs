@@ -129,6 +129,30 @@ impl Client {
         Ok(response.merged)
     }
 
+    /// Moves shard `shard_id`'s replica from node `from` to node `to` (the target catches up
+    /// first; a re-run after an interruption finishes the move). Returns the shard's voters.
+    pub async fn move_replica(&self, shard_id: u64, from: u64, to: u64) -> Result<Vec<u64>> {
+        let response = self
+            .call(OperationKind::Write, "move_replica", |channel| {
+                let request = self.request(pb::MoveReplicaRequest { shard_id, from_node: from, to_node: to });
+                async move { Client::admin_client(channel).move_replica(request).await }
+            })
+            .await?;
+        Ok(response.voters)
+    }
+
+    /// Hands shard `shard_id`'s leadership to its voter `to`. Returns the leader afterwards
+    /// (`to`, or another voter that won the election first).
+    pub async fn transfer_leader(&self, shard_id: u64, to: u64) -> Result<u64> {
+        let response = self
+            .call(OperationKind::Write, "transfer_leader", |channel| {
+                let request = self.request(pb::TransferLeaderRequest { shard_id, to_node: to });
+                async move { Client::admin_client(channel).transfer_leader(request).await }
+            })
+            .await?;
+        Ok(response.leader)
+    }
+
     async fn split_shard(&self, request: pb::SplitShardRequest) -> Result<Vec<pb::ShardStatus>> {
         // A repeated split is refused by its epoch check, so retrying is safe.
         let response = self

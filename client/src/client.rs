@@ -394,6 +394,8 @@ impl LeaderHint for pb::RemoveNodeResponse {}
 impl LeaderHint for pb::ReplicaStatusResponse {}
 impl LeaderHint for pb::SplitShardResponse {}
 impl LeaderHint for pb::MergeShardsResponse {}
+impl LeaderHint for pb::MoveReplicaResponse {}
+impl LeaderHint for pb::TransferLeaderResponse {}
 
 impl ClientBuilder {
     /// Builds the client and checks that at least one endpoint accepts a connection.

@@ -96,7 +96,7 @@ impl Router {
     /// The cached shard whose range holds `key`: its id and leader.
     pub fn shard_for(&self, key: &[u8]) -> Option<(u64, Option<&str>)> {
         let (start, shard) = self.shards.range(..=key.to_vec()).next_back()?;
-        contains(start, &shard.end, key).then(|| (shard.id, shard.leader.as_deref()))
+        contains(start, &shard.end, key).then_some((shard.id, shard.leader.as_deref()))
     }
 
     /// Picks the address for the next attempt on `key`: the leader of its cached shard for

@@ -64,6 +64,13 @@ pub struct ElasticArgs {
     /// A shard is neither split nor merged again for this long after its range changed.
     #[arg(long, env = "FLOE_SPLIT_COOLDOWN", default_value = "30s", value_parser = parse_duration)]
     pub split_cooldown: Duration,
+    /// Replicas per shard that node joins and removals keep (the replication factor).
+    #[arg(long, env = "FLOE_REPLICAS", default_value_t = PlacementConfig::default().replicas)]
+    pub replicas: usize,
+    /// Replicas (and, separately, shard leaders) per node may differ by this many between
+    /// the fullest and the emptiest node before the placement driver moves one (0: never).
+    #[arg(long, env = "FLOE_BALANCE_BAND", default_value_t = PlacementConfig::default().balance_band)]
+    pub balance_band: usize,
     /// An idle shard hibernates (no messages, no CPU) after this long without requests;
     /// `off` never hibernates.
     #[arg(long, env = "FLOE_HIBERNATE_AFTER", default_value = "30s", value_parser = parse_optional_duration)]
@@ -82,6 +89,8 @@ impl ElasticArgs {
             merge_qps: self.merge_qps,
             merge_bytes: self.merge_bytes,
             cooldown: self.split_cooldown,
+            replicas: self.replicas,
+            balance_band: self.balance_band,
             ..PlacementConfig::default()
         }
     }

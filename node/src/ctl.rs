@@ -46,6 +46,18 @@ pub enum CtlCommand {
     },
     /// Merge two adjacent shards on the same replicas into a new shard.
     Merge { left: u64, right: u64 },
+    /// Move a shard's replica from one node to another (`--leader` instead hands the shard's
+    /// leadership to node `--to`, which must already hold a replica).
+    Move {
+        #[arg(long)]
+        shard: u64,
+        #[arg(long, required_unless_present = "leader")]
+        from: Option<u64>,
+        #[arg(long)]
+        to: u64,
+        #[arg(long, conflicts_with = "from")]
+        leader: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -100,6 +112,20 @@ pub async fn run(args: CtlArgs) -> Result<()> {
                     range_text(&s.start_hex, &s.end_hex)
                 ),
                 None => println!("merged {left} and {right}"),
+            }
+        }
+        CtlCommand::Move { shard, from, to, leader } => {
+            let client = membership_client(&args.endpoints)?;
+            match (leader, from) {
+                (true, _) => {
+                    let now = client.transfer_leader(shard, to).await?;
+                    println!("shard {shard}: leader is node {now}");
+                }
+                (false, Some(from)) => {
+                    let voters = client.move_replica(shard, from, to).await?;
+                    println!("shard {shard} moved from node {from} to node {to}; voters {}", join_ids(&voters));
+                }
+                (false, None) => bail!("give --from N (or --leader)"),
             }
         }
         CtlCommand::Node(NodeCommand::Remove { id }) => {

@@ -121,7 +121,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 4)]
     pub keys: u64,
     /// Fault classes: `all`, `none`, or a comma list of crash, partition, cut, net, disk, pause,
-    /// elastic (shard splits and hibernation).
+    /// elastic (splits, merges, leader transfers, hibernation).
     #[arg(long, default_value = "all")]
     pub faults: String,
     /// Plant a known bug (needs the `planted-bugs` feature): stale-strong-read,
@@ -171,7 +171,7 @@ pub fn run_seeds(args: &RunArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
         fault_total += report.faults;
         writeln!(
             out,
-            "seed {seed}: trace-hash: {:016x} events {} ops ok/fail/unknown {}/{}/{} eventual/bounded reads {}/{} bank transfers/reads {}/{} splits/merges {}/{} hibernations {} faults {} sim {:.1}s wall {:.2}s verdict {:?}",
+            "seed {seed}: trace-hash: {:016x} events {} ops ok/fail/unknown {}/{}/{} eventual/bounded reads {}/{} bank transfers/reads {}/{} splits/merges/transfers {}/{}/{} hibernations {} faults {} sim {:.1}s wall {:.2}s verdict {:?}",
             report.trace_hash,
             report.trace_events,
             report.ops_ok,
@@ -183,6 +183,7 @@ pub fn run_seeds(args: &RunArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
             report.bank_reads_ok,
             report.splits,
             report.merges,
+            report.transfers,
             report.hibernations,
             report.faults,
             report.sim_time.as_secs_f64(),

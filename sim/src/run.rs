@@ -53,8 +53,10 @@ pub enum FaultKind {
     Disk,
     /// Stop polling every task of a node (SIGSTOP), then let it run on with a stale view.
     Pause,
-    /// The cluster's own actions: shard splits at random documents (through any node), and
-    /// hibernation of idle shards (a short `hibernate_after` for the run) with their wake-ups.
+    /// The cluster's own actions: shard splits at random documents (through any node), merges
+    /// of adjacent shards, leader transfers to a random replica, and hibernation of idle
+    /// shards (a short `hibernate_after` for the run) with their wake-ups. (Replica moves are
+    /// not in the schedule yet: the convergence check expects every node to host every shard.)
     Elastic,
 }
 
@@ -145,9 +147,11 @@ pub struct RunReport {
     /// Bank transfers acknowledged and bank reads whose total was checked.
     pub bank_transfers_ok: u64,
     pub bank_reads_ok: u64,
-    /// Shard splits and merges that applied, and times a shard fell asleep on every replica.
+    /// Shard splits and merges that applied, leader transfers that moved leadership, and
+    /// times a shard fell asleep on every replica.
     pub splits: u64,
     pub merges: u64,
+    pub transfers: u64,
     pub hibernations: u64,
 }
 
@@ -242,8 +246,7 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
 
     let rec: Shared<Recorder> = Arc::default();
     let (done_tx, done_rx) = tokio::sync::watch::channel(false);
-    let splits: Arc<std::sync::atomic::AtomicU64> = Arc::default();
-    let merges: Arc<std::sync::atomic::AtomicU64> = Arc::default();
+    let elastic: Arc<ElasticCounts> = Arc::default();
     let faults = if !config.faults.is_empty() {
         let rng = ChaCha8Rng::seed_from_u64(master.gen());
         Some(tokio::spawn(fault_loop(
@@ -254,8 +257,7 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
             done_rx,
             config.faults.clone(),
             config.keys,
-            splits.clone(),
-            merges.clone(),
+            elastic.clone(),
         )))
     } else {
         None
@@ -358,8 +360,9 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
         bounded_reads,
         bank_transfers_ok,
         bank_reads_ok,
-        splits: splits.load(std::sync::atomic::Ordering::Relaxed),
-        merges: merges.load(std::sync::atomic::Ordering::Relaxed),
+        splits: elastic.splits.load(std::sync::atomic::Ordering::Relaxed),
+        merges: elastic.merges.load(std::sync::atomic::Ordering::Relaxed),
+        transfers: elastic.transfers.load(std::sync::atomic::Ordering::Relaxed),
         hibernations: hibernations.load(std::sync::atomic::Ordering::Relaxed),
     })
 }
@@ -896,6 +899,14 @@ fn split_key(rng: &mut ChaCha8Rng, keys: u64) -> Vec<u8> {
     }
 }
 
+/// The elastic actions the fault loop carried out.
+#[derive(Default)]
+struct ElasticCounts {
+    splits: std::sync::atomic::AtomicU64,
+    merges: std::sync::atomic::AtomicU64,
+    transfers: std::sync::atomic::AtomicU64,
+}
+
 /// Injects one fault at a time until the workload is done; returns how many it injected.
 async fn fault_loop(
     cluster: Arc<tokio::sync::Mutex<SimCluster>>,
@@ -905,8 +916,7 @@ async fn fault_loop(
     done: tokio::sync::watch::Receiver<bool>,
     kinds: Vec<FaultKind>,
     keys: u64,
-    splits: Arc<std::sync::atomic::AtomicU64>,
-    merges: Arc<std::sync::atomic::AtomicU64>,
+    elastic: Arc<ElasticCounts>,
 ) -> u64 {
     let ids = cluster.lock().await.ids();
     let mut count = 0;
@@ -974,6 +984,36 @@ async fn fault_loop(
                 tokio::time::sleep(length).await;
                 net.set_profile(NetProfile::calm());
             }
+            FaultKind::Elastic if rng.gen_bool(0.25) => {
+                // Hand a random shard's leadership to a random replica of it.
+                let outcome = match endpoint_of(&cluster, victim).await {
+                    Some(ep) => {
+                        let shards: Vec<(u64, Vec<u64>)> = ep
+                            .api
+                            .catalog()
+                            .shard_map()
+                            .map(|m| m.shards.values().map(|d| (d.id, d.replicas.clone())).collect())
+                            .unwrap_or_default();
+                        match shards.get(rng.gen_range(0..shards.len().max(1))).cloned() {
+                            Some((shard, replicas)) if !replicas.is_empty() => {
+                                let to = replicas[rng.gen_range(0..replicas.len())];
+                                match call(&ep, move |api| async move { api.transfer_leader(shard, to).await }).await {
+                                    Some(Ok(leader)) => {
+                                        elastic.transfers.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                        format!("shard {shard} -> n{to}: leader n{leader}")
+                                    }
+                                    Some(Err(e)) => format!("shard {shard} -> n{to}: refused: {e}"),
+                                    None => format!("shard {shard} -> n{to}: no answer"),
+                                }
+                            }
+                            _ => "no shard".to_string(),
+                        }
+                    }
+                    None => "node down".to_string(),
+                };
+                trace.mark("faults", &format!("transfer leader via n{victim}: {outcome}"), None);
+                tokio::time::sleep(length / 4).await;
+            }
             FaultKind::Elastic if rng.gen_bool(0.35) => {
                 // Merge two adjacent shards, as the victim's catalog knows them.
                 let outcome = match endpoint_of(&cluster, victim).await {
@@ -998,7 +1038,7 @@ async fn fault_loop(
                                 let done = call(&ep, move |api| async move { api.merge_shards(l, r).await }).await;
                                 match done {
                                     Some(Ok(m)) => {
-                                        merges.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                        elastic.merges.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                                         format!("{l}+{r}: ok, merged into {}", m.id)
                                     }
                                     Some(Err(e)) => format!("{l}+{r}: refused: {e}"),
@@ -1019,7 +1059,7 @@ async fn fault_loop(
                 let outcome = match endpoint_of(&cluster, victim).await {
                     Some(ep) => match call(&ep, move |api| async move { api.split_at(vec![key]).await }).await {
                         Some(Ok(done)) => {
-                            splits.fetch_add(done.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                            elastic.splits.fetch_add(done.len() as u64, std::sync::atomic::Ordering::Relaxed);
                             let children: Vec<u64> =
                                 done.iter().flat_map(|d| d.children.iter().map(|c| c.id)).collect();
                             format!("ok, children {children:?}")

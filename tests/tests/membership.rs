@@ -1,7 +1,10 @@
 //! Membership changes under load lose nothing (issue 4): three `floe start` processes take
 //! writes while a fourth node joins with `--join` (after the log was compacted, so it catches
-//! up by snapshot), then node 1 is removed with the client's `remove_node` (what
-//! `floe ctl node remove` calls) and its process stopped. Every acknowledged write is read
+//! up by snapshot) — into the meta group only, as the shard already has three replicas —, the
+//! shard's replica moves from node 3 to node 4 and its leadership to node 4 (what `floe ctl
+//! move` calls), node 3 deletes its copy, then node 1 is removed with the client's
+//! `remove_node` (what `floe ctl node remove` calls; its replica moves back to node 3) and
+//! its process stopped. Every acknowledged write is read
 //! back strongly from the remaining nodes, the joined node serves them locally (also after a
 //! restart, which re-confirms the join), a wiped node 4 is refused when it rejoins under its
 //! old id, and the removed id is refused when it tries to come back.
@@ -108,21 +111,49 @@ async fn run() -> anyhow::Result<()> {
     cluster.node_mut(4)?.process.wait_ready(READY_TIMEOUT).await.context("joined node ready")?;
     let node4 = Client::builder().endpoint(format!("http://{grpc}")).build()?;
     let replicas = node4.replica_status().await.context("node 4 replica status")?;
-    for r in &replicas.replicas {
-        if !r.voters.contains(&4) {
-            bail!("node 4 is not a voter of group {} after joining: {:?}", r.group, r.voters);
-        }
-    }
-    if replicas.replicas.len() < 2 {
-        bail!("node 4 hosts {} groups, expected the meta group and the shard", replicas.replicas.len());
+    // The shard already has three replicas: node 4 joins the meta group only; shards come
+    // to it by moves.
+    let groups: Vec<u64> = replicas.replicas.iter().map(|r| r.group).collect();
+    if groups != [0] || !replicas.replicas[0].voters.contains(&4) {
+        bail!("node 4 should vote in the meta group only after joining: {:?}", replicas.replicas);
     }
 
     // A restarted member re-confirms its join (idempotent) and serves again.
     cluster.node_mut(4)?.process.restart()?;
     cluster.node_mut(4)?.process.wait_ready(READY_TIMEOUT).await.context("node 4 after restart")?;
 
-    // Remove node 1 (through node 2), then stop its process.
-    let admin = client_for(&endpoints[1..2])?;
+    // Move the shard's replica from node 3 to node 4 under load, then its leadership to
+    // node 4; node 3 deletes its copy once the shard's leader confirms it left.
+    // Moves wait for a learner to catch up, transfers for a lease and an election.
+    let admin = Client::builder()
+        .endpoints(endpoints[1..2].iter().cloned())
+        .request_timeout(Duration::from_secs(120))
+        .build()?;
+    let status = admin.cluster_status().await.context("cluster status")?;
+    let shard = status.shards.first().context("no shard listed")?.id;
+    let voters = admin.move_replica(shard, 3, 4).await.context("move shard 3 -> 4")?;
+    if !voters.contains(&4) || voters.contains(&3) {
+        bail!("after moving shard {shard} from node 3 to node 4 its voters are {voters:?}");
+    }
+    let leader = admin.transfer_leader(shard, 4).await.context("transfer leadership to node 4")?;
+    eprintln!("shard {shard} moved 3 -> 4; leader after transfer: node {leader}");
+    let node3 = client_for(&endpoints[2..3])?;
+    let gone = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match node3.replica_status().await {
+                Ok(r) if r.replicas.iter().all(|g| g.group != shard) => return,
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    })
+    .await;
+    if gone.is_err() {
+        bail!("node 3 still hosts shard {shard} 30 s after it moved away\n{}", cluster.log_tails());
+    }
+
+    // Remove node 1 (through node 2), then stop its process: its replica moves to node 3,
+    // the only live node without one.
+
     let groups = admin.remove_node(1).await.context("remove node 1")?;
     for (group, voters) in &groups {
         if voters.contains(&1) {

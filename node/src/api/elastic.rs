@@ -15,7 +15,7 @@
 use super::{ApiError, NodeApi};
 use crate::catalog::{CatalogCommand, CatalogResponse, MergeIntent, MergeState, ShardDesc};
 use crate::keys;
-use crate::placement::{self, Action, ShardView};
+use crate::placement::{self, Action, NodesView, ShardView};
 use crate::raft::host::ForwardRequest;
 use crate::raft::types::{Command, CommandResponse, GroupId, SplitDone};
 use crate::shard::{GroupState, MergeRefused, SplitAt, SplitRefused};
@@ -398,6 +398,17 @@ impl NodeApi {
         Ok(views)
     }
 
+    /// The driver's view of the nodes: the live members and who leads each active shard.
+    fn nodes_view(&self) -> Result<NodesView, ApiError> {
+        let mut nodes = Vec::new();
+        for n in self.catalog.nodes()? {
+            if !self.catalog.is_removed(n.id)? {
+                nodes.push(n.id);
+            }
+        }
+        Ok(NodesView { nodes, leaders: self.host.reported_leaders() })
+    }
+
     /// Carries out one planned operation.
     async fn run_action(&self, action: Action) -> Result<(), ApiError> {
         match action {
@@ -412,6 +423,14 @@ impl NodeApi {
             Action::Merge { left, right, reason } => {
                 tracing::info!(left, right, reason, "placement: merging shards");
                 self.merge_shards(left, right).await.map(|_| ())
+            }
+            Action::Move { shard, from, to, reason } => {
+                tracing::info!(shard, from, to, reason, "placement: moving a replica");
+                self.move_replica(shard, from, to).await.map(|_| ())
+            }
+            Action::TransferLeader { shard, from, to } => {
+                tracing::info!(shard, from, to, "placement: transferring leadership");
+                self.transfer_leader(shard, to).await.map(|_| ())
             }
         }
     }
@@ -458,9 +477,14 @@ pub async fn report_load_loop(api: Weak<NodeApi>) {
         let Some(api) = api.upgrade() else { return };
         let groups = api.load_snapshot();
         let host = api.host().clone();
+        let leading: Vec<GroupId> = host
+            .group_ids()
+            .into_iter()
+            .filter(|g| *g != keys::META_GROUP && host.group(*g).is_some_and(|h| h.is_leader()))
+            .collect();
         let Some(meta) = host.group(keys::META_GROUP) else { continue };
         match meta.leader() {
-            Some((id, _)) if id == api.node_id => host.record_load_report(id, groups),
+            Some((id, _)) if id == api.node_id => host.record_load_report(id, groups, leading),
             Some((id, addr)) if !addr.is_empty() => {
                 let env = Envelope {
                     cluster_id: host.config.cluster_id.clone(),
@@ -468,7 +492,7 @@ pub async fn report_load_loop(api: Weak<NodeApi>) {
                     from_node: api.node_id,
                     to_node: id,
                 };
-                let Ok(payload) = serde_json::to_vec(&ForwardRequest::ReportLoad { groups }) else { continue };
+                let Ok(payload) = serde_json::to_vec(&ForwardRequest::ReportLoad { groups, leading }) else { continue };
                 // Best effort: a lost report only delays a split.
                 let _ = host.transport_call(addr, env, RpcKind::Forward, payload, PLACEMENT_INTERVAL).await;
             }
@@ -511,7 +535,14 @@ pub async fn placement_loop(api: Weak<NodeApi>) {
             views.iter().map(|v| (v.desc.id, v.desc.epoch)).collect();
         changed.retain(|k, _| current.contains(k));
         sizes.retain(|k, _| current.contains(k));
-        for action in placement::plan(&views, &api.placement) {
+        let nodes = match api.nodes_view() {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::debug!(error = %e, "node view unavailable");
+                continue;
+            }
+        };
+        for action in placement::plan(&views, &nodes, &api.placement) {
             let bound = api.request_timeout() * 2;
             match tokio::time::timeout(bound, api.run_action(action.clone())).await {
                 Ok(Ok(())) => {}

@@ -360,6 +360,31 @@ impl Admin for GrpcApi {
         self.finish("merge_shards", started, out)
     }
 
+    async fn move_replica(
+        &self,
+        req: Request<pb::MoveReplicaRequest>,
+    ) -> Result<Response<pb::MoveReplicaResponse>, Status> {
+        let started = Instant::now();
+        let r = req.into_inner();
+        let out = self
+            .api
+            .move_replica(r.shard_id, r.from_node, r.to_node)
+            .await
+            .map(|voters| pb::MoveReplicaResponse { voters });
+        self.finish("move_replica", started, out)
+    }
+
+    async fn transfer_leader(
+        &self,
+        req: Request<pb::TransferLeaderRequest>,
+    ) -> Result<Response<pb::TransferLeaderResponse>, Status> {
+        let started = Instant::now();
+        let r = req.into_inner();
+        let out =
+            self.api.transfer_leader(r.shard_id, r.to_node).await.map(|leader| pb::TransferLeaderResponse { leader });
+        self.finish("transfer_leader", started, out)
+    }
+
     async fn split_shard(
         &self,
         req: Request<pb::SplitShardRequest>,

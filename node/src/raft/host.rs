@@ -30,7 +30,7 @@ use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteErro
 use openraft::{BasicNode, ChangeMembers, ServerState};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -110,7 +110,18 @@ pub enum ForwardRequest {
     /// meta leader (sent on the meta group's envelope).
     ReportLoad {
         groups: Vec<(GroupId, f64, Vec<Vec<u8>>)>,
+        /// The groups the reporting node leads (for leader balance).
+        #[serde(default)]
+        leading: Vec<GroupId>,
     },
+    /// To the group leader: hand leadership to voter `to` (see `moves`).
+    TransferLeader {
+        to: NodeId,
+    },
+    /// To a voter: campaign now (the last step of a leader transfer).
+    Elect,
+    /// To the group leader: its current membership (voters and learners).
+    Members,
 }
 
 /// A change of a group's voters, run on its leader.
@@ -148,8 +159,15 @@ pub enum ForwardResponse {
     Failed(GroupError),
     /// The answer to `Hibernate`: whether the replica stopped.
     Hibernated(bool),
-    /// Done (`OpenReplica`, `ReportLoad`).
+    /// Done (`OpenReplica`, `ReportLoad`, `Elect`).
     Done,
+    /// The group's leader after `TransferLeader`.
+    Leader(NodeId),
+    /// The answer to `Members`: the leader's membership, its log index and every node in it.
+    Members {
+        index: u64,
+        nodes: Vec<NodeId>,
+    },
 }
 
 /// One shard's load across the cluster (the sum of every node's latest report).
@@ -183,6 +201,9 @@ pub struct GroupHandle {
     proposals: mpsc::Sender<super::batcher::Proposal>,
     /// When a request last used this replica (ms on the host's clock), for hibernation.
     last_request_ms: AtomicU64,
+    /// A leader transfer is running: proposals and read-index rounds wait (they would keep
+    /// the followers' leader lease alive and the transfer's election would fail).
+    pub(super) transferring: AtomicBool,
 }
 
 impl GroupHandle {
@@ -238,7 +259,45 @@ pub struct RaftHost {
     /// Dormant replicas started again.
     wakes: AtomicU64,
     /// The latest load report of every node (kept on every node; used on the meta leader).
-    load_reports: Mutex<BTreeMap<NodeId, (tokio::time::Instant, Vec<(GroupId, f64, Vec<Vec<u8>>)>)>>,
+    load_reports: Mutex<BTreeMap<NodeId, LoadReport>>,
+}
+
+/// One node's latest load report: when it came, each group's rate and sampled keys, and the
+/// groups the node leads.
+struct LoadReport {
+    at: tokio::time::Instant,
+    groups: Vec<(GroupId, f64, Vec<Vec<u8>>)>,
+    leading: Vec<GroupId>,
+}
+
+/// Runs `work` (a leader-side step that must not stop halfway) as its own task of this node,
+/// so a caller that gives up does not cancel it. A task that ended without an answer is
+/// `Unavailable` with `retry_safe`.
+pub(super) async fn run_detached(
+    group: GroupId,
+    what: &str,
+    retry_safe: bool,
+    work: impl std::future::Future<Output = ForwardResponse> + Send + 'static,
+) -> ForwardResponse {
+    match super::runtime::spawn(work).await {
+        Ok(resp) => resp,
+        Err(e) => ForwardResponse::Failed(GroupError::Unavailable {
+            group,
+            reason: format!("{what} task ended: {e}"),
+            retry_safe,
+        }),
+    }
+}
+
+/// `Unavailable` (retry-safe: nothing was proposed) while a leader transfer holds `h`.
+fn transfer_running(h: &GroupHandle) -> Option<ForwardResponse> {
+    h.transferring.load(Ordering::Acquire).then(|| {
+        ForwardResponse::Failed(GroupError::Unavailable {
+            group: h.group,
+            reason: "leadership is being transferred".into(),
+            retry_safe: true,
+        })
+    })
 }
 
 fn leader_of_forward(e: &openraft::error::ForwardToLeader<NodeId, BasicNode>) -> Option<(NodeId, String)> {
@@ -325,21 +384,37 @@ impl RaftHost {
     }
 
     /// Keeps `node`'s load report (the latest one wins).
-    pub fn record_load_report(&self, node: NodeId, groups: Vec<(GroupId, f64, Vec<Vec<u8>>)>) {
+    pub fn record_load_report(&self, node: NodeId, groups: Vec<(GroupId, f64, Vec<Vec<u8>>)>, leading: Vec<GroupId>) {
         if let Ok(mut reports) = self.load_reports.lock() {
-            reports.insert(node, (tokio::time::Instant::now(), groups));
+            reports.insert(node, LoadReport { at: tokio::time::Instant::now(), groups, leading });
         }
+    }
+
+    /// The leader of every group some node reported leading recently (hibernated groups
+    /// have none). With two claims (a term change between reports), the later report wins.
+    pub fn reported_leaders(&self) -> BTreeMap<GroupId, NodeId> {
+        let mut out = BTreeMap::new();
+        let Ok(reports) = self.load_reports.lock() else { return out };
+        let mut fresh: Vec<(&NodeId, &LoadReport)> =
+            reports.iter().filter(|(_, r)| r.at.elapsed() <= LOAD_REPORT_TTL).collect();
+        fresh.sort_by_key(|(_, r)| r.at);
+        for (node, report) in fresh {
+            for g in &report.leading {
+                out.insert(*g, *node);
+            }
+        }
+        out
     }
 
     /// Every shard's load summed over the nodes' recent reports.
     pub fn cluster_load(&self) -> BTreeMap<GroupId, ShardLoad> {
         let mut out: BTreeMap<GroupId, ShardLoad> = BTreeMap::new();
         let Ok(reports) = self.load_reports.lock() else { return out };
-        for (at, groups) in reports.values() {
-            if at.elapsed() > LOAD_REPORT_TTL {
+        for report in reports.values() {
+            if report.at.elapsed() > LOAD_REPORT_TTL {
                 continue;
             }
-            for (group, qps, sample) in groups {
+            for (group, qps, sample) in &report.groups {
                 let load = out.entry(*group).or_default();
                 load.qps += qps;
                 load.sample.extend(sample.iter().cloned());
@@ -495,6 +570,7 @@ impl RaftHost {
             freshness: Freshness::default(),
             proposals,
             last_request_ms: AtomicU64::new(self.now_ms()),
+            transferring: AtomicBool::new(false),
         });
         let mut groups = self.groups.lock().map_err(|_| fatal("registry poisoned".into()))?;
         groups.insert(group, handle.clone());
@@ -525,6 +601,26 @@ impl RaftHost {
         }
         if let Some(h) = running {
             let _ = h.raft.shutdown().await;
+        }
+    }
+
+    /// With `group`'s lifecycle lock held: stops its running replica and takes it out of the
+    /// registry (a dormant one stays dormant). Returns whether it was running.
+    pub(super) async fn stop_locked(&self, group: GroupId) -> bool {
+        let running = self.groups.lock().ok().and_then(|mut g| g.remove(&group));
+        match running {
+            Some(h) => {
+                let _ = h.raft.shutdown().await;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Forgets `group` as a dormant replica (its raft state is gone).
+    pub(super) fn forget_dormant(&self, group: GroupId) {
+        if let Ok(mut dormant) = self.dormant.lock() {
+            dormant.remove(&group);
         }
     }
 
@@ -591,6 +687,9 @@ impl RaftHost {
             Ok(h) => h,
             Err(e) => return ForwardResponse::Failed(e),
         };
+        if let Some(wait) = transfer_running(&h) {
+            return wait;
+        }
         let timeout = self.config.tuning.request_timeout;
         match tokio::time::timeout(timeout, h.raft.client_write(cmd)).await {
             Err(_) => ForwardResponse::Failed(GroupError::Timeout { group, timeout_ms: timeout.as_millis() as u64 }),
@@ -760,14 +859,9 @@ impl RaftHost {
         change: MemberChange,
     ) -> ForwardResponse {
         let host = self.clone();
-        match super::runtime::spawn(async move { host.change_members_local(group, change).await }).await {
-            Ok(resp) => resp,
-            Err(e) => ForwardResponse::Failed(GroupError::Unavailable {
-                group,
-                reason: format!("membership change task ended: {e}"),
-                retry_safe: false,
-            }),
-        }
+        // Whether the change happened is unknown when its task ended early.
+        run_detached(group, "membership change", false, async move { host.change_members_local(group, change).await })
+            .await
     }
 
     pub(super) async fn read_index_local(self: &Arc<Self>, group: GroupId) -> ForwardResponse {
@@ -775,6 +869,9 @@ impl RaftHost {
             Ok(h) => h,
             Err(e) => return ForwardResponse::Failed(e),
         };
+        if let Some(wait) = transfer_running(&h) {
+            return wait;
+        }
         let (tx, rx) = oneshot::channel();
         if h.reads.try_send(tx).is_err() {
             return ForwardResponse::Failed(GroupError::Unavailable {
@@ -801,9 +898,14 @@ impl RaftHost {
 
     /// Runs `req` on the group leader: here if this node leads, else forwarded. Retries with
     /// the leader hint it learns, bounded by the request timeout.
-    async fn on_leader(self: &Arc<Self>, group: GroupId, req: ForwardRequest) -> Result<ForwardResponse, GroupError> {
+    pub(super) async fn on_leader(
+        self: &Arc<Self>,
+        group: GroupId,
+        req: ForwardRequest,
+    ) -> Result<ForwardResponse, GroupError> {
         let timeout = match req {
             ForwardRequest::ChangeMembers(_) => MEMBERSHIP_TIMEOUT,
+            ForwardRequest::TransferLeader { .. } => self.transfer_timeout(),
             _ => self.config.tuning.request_timeout,
         };
         let deadline = tokio::time::Instant::now() + timeout;
@@ -821,8 +923,11 @@ impl RaftHost {
                     ForwardRequest::Propose(cmd) => self.propose_local(group, cmd.clone()).await,
                     ForwardRequest::ReadIndex => self.read_index_local(group).await,
                     ForwardRequest::ChangeMembers(change) => self.change_members_detached(group, change.clone()).await,
+                    ForwardRequest::TransferLeader { to } => self.transfer_leader_detached(group, *to).await,
+                    ForwardRequest::Members => self.members_local(group).await,
                     ForwardRequest::Hibernate { .. }
                     | ForwardRequest::OpenReplica
+                    | ForwardRequest::Elect
                     | ForwardRequest::ReportLoad { .. } => {
                         ForwardResponse::Failed(GroupError::Fatal { group, reason: "not a leader request".into() })
                     }
@@ -1172,6 +1277,9 @@ async fn report_shards_loop(host: std::sync::Weak<RaftHost>) {
             if let Err(e) = host.report_shards(&behind).await {
                 tracing::debug!(error = %e, "periodic shard report not accepted yet");
             }
+        }
+        for removed in host.removed_replicas() {
+            host.drop_removed_replica(removed).await;
         }
         for obsolete in host.obsolete_replicas() {
             tracing::info!(group = obsolete, "destroying a replica of a shard that was merged away");

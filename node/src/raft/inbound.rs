@@ -132,10 +132,13 @@ impl Inbound for Arc<RaftHost> {
                             host.hibernate_follower(group, env.from_node, term, last_log_index).await
                         }
                         ForwardRequest::OpenReplica => host.open_replica(group).await,
-                        ForwardRequest::ReportLoad { groups } => {
-                            host.record_load_report(env.from_node, groups);
+                        ForwardRequest::ReportLoad { groups, leading } => {
+                            host.record_load_report(env.from_node, groups, leading);
                             ForwardResponse::Done
                         }
+                        ForwardRequest::TransferLeader { to } => host.transfer_leader_detached(group, to).await,
+                        ForwardRequest::Elect => host.elect_local(group).await,
+                        ForwardRequest::Members => host.members_local(group).await,
                     };
                     encode(&resp)
                 }

@@ -7,6 +7,7 @@ pub mod inbound;
 pub mod local_shards;
 pub mod log_store;
 pub mod merge;
+pub mod moves;
 pub mod network;
 pub mod runtime;
 pub mod state_machine;

@@ -1,0 +1,267 @@
+//! The node's side of moving replicas and leadership: leader transfer, and destroying a
+//! replica after its group removed this node.
+//!
+//! Owns:
+//! - leader transfer on openraft 0.9, which has none: the leader holds its proposals and
+//!   read-index rounds, stops heartbeats, waits out the followers' leader lease
+//!   (`election_timeout_max`), and asks the target to campaign (RAFT-NOTES §1
+//!   "pause-and-elect"). Costs about one lease plus one election of write latency. Another
+//!   follower whose election timer fires first may win instead; the caller learns who leads;
+//! - the garbage collection of replicas this node no longer belongs to (a move took the
+//!   replica elsewhere): such a replica is stopped first, then the group's leader is asked
+//!   for its membership, and only when the leader says this node is not in it are the raft
+//!   state and the data deleted; otherwise it starts again.
+//!
+//! Invariants:
+//! - a replica that a leader may count (voter or learner of the leader's membership) is never
+//!   destroyed: it is stopped before the leader is asked, so it acknowledges nothing after
+//!   the answer; a later re-add starts from an empty replica (leader progress for a new
+//!   learner starts unmatched, so no leader ever sees this replica's log go backwards);
+//! - a leader transfer never leaves heartbeats off or proposals held: the transfer runs as its
+//!   own task and restores both on every path.
+
+use super::host::{run_detached, ForwardRequest, ForwardResponse, GroupError, GroupHandle, RaftHost};
+use super::types::{GroupId, NodeId, StoredMembership};
+use crate::keys;
+use crate::storage::engine::prefix_end;
+use crate::storage::{Cf, WriteBatch};
+use crate::transport::{Envelope, RpcKind};
+use openraft::ServerState;
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+impl RaftHost {
+    /// Bound on one leader transfer: the lease it waits out, an election, and the request.
+    pub(super) fn transfer_timeout(&self) -> Duration {
+        let t = &self.config.tuning;
+        Duration::from_millis(3 * t.election_timeout_max_ms + t.heartbeat_interval_ms) + t.request_timeout
+    }
+
+    /// Hands `group`'s leadership to voter `to` (run on the leader, forwarded when another
+    /// node leads). Returns the leader afterwards: `to`, or another voter that won the
+    /// election first.
+    pub async fn transfer_leader(self: &Arc<Self>, group: GroupId, to: NodeId) -> Result<NodeId, GroupError> {
+        match self.on_leader(group, ForwardRequest::TransferLeader { to }).await? {
+            ForwardResponse::Leader(id) => Ok(id),
+            ForwardResponse::Failed(e) => Err(e),
+            other => Err(GroupError::Fatal { group, reason: format!("unexpected answer to a transfer: {other:?}") }),
+        }
+    }
+
+    /// `transfer_leader_local` as its own task: a caller that gives up does not leave the
+    /// group with heartbeats off.
+    pub(super) async fn transfer_leader_detached(self: &Arc<Self>, group: GroupId, to: NodeId) -> ForwardResponse {
+        let host = self.clone();
+        // A transfer is safe to retry whatever happened: it moves no data.
+        run_detached(group, "leader transfer", true, async move { host.transfer_leader_local(group, to).await }).await
+    }
+
+    async fn transfer_leader_local(self: &Arc<Self>, group: GroupId, to: NodeId) -> ForwardResponse {
+        let h = match self.wake(group).await {
+            Ok(h) => h,
+            Err(e) => return ForwardResponse::Failed(e),
+        };
+        let me = self.config.node_id;
+        let m = h.raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader {
+            return ForwardResponse::NotLeader { leader: h.leader() };
+        }
+        if to == me {
+            return ForwardResponse::Leader(me);
+        }
+        let membership = m.membership_config.membership().clone();
+        if membership.get_joint_config().len() != 1 {
+            return ForwardResponse::Failed(GroupError::Unavailable {
+                group,
+                reason: "a membership change is in progress".into(),
+                retry_safe: true,
+            });
+        }
+        let Some(addr) = membership.voter_ids().any(|v| v == to).then(|| membership.get_node(&to)).flatten() else {
+            return ForwardResponse::Failed(GroupError::Fatal {
+                group,
+                reason: format!("node {to} is not a voter of group {group}"),
+            });
+        };
+        let addr = addr.addr.clone();
+        if h.transferring.swap(true, Ordering::AcqRel) {
+            return ForwardResponse::Failed(GroupError::Unavailable {
+                group,
+                reason: "a leader transfer is already running".into(),
+                retry_safe: true,
+            });
+        }
+        let tuning = self.config.tuning.clone();
+        h.raft.runtime_config().heartbeat(false);
+        // The followers refuse to vote while their lease on this leader runs.
+        tokio::time::sleep(Duration::from_millis(tuning.election_timeout_max_ms + tuning.heartbeat_interval_ms)).await;
+        let env = Envelope { cluster_id: self.config.cluster_id.clone(), group_id: group, from_node: me, to_node: to };
+        let asked = match serde_json::to_vec(&ForwardRequest::Elect) {
+            Ok(payload) => self.transport.call(addr, env, RpcKind::Forward, payload, tuning.request_timeout).await,
+            Err(e) => Err(crate::transport::TransportError::Refused(e.to_string())),
+        };
+        let moved = h
+            .raft
+            .wait(Some(Duration::from_millis(2 * tuning.election_timeout_max_ms)))
+            .metrics(|m| m.current_leader.is_some_and(|l| l != me), "leadership moved")
+            .await;
+        finish_transfer(&h);
+        match moved {
+            Ok(m) => ForwardResponse::Leader(m.current_leader.unwrap_or(to)),
+            Err(_) => ForwardResponse::Failed(GroupError::Unavailable {
+                group,
+                reason: match asked {
+                    Err(e) => format!("node {to} could not be asked to campaign: {e}"),
+                    Ok(_) => format!("leadership of group {group} stayed on node {me}"),
+                },
+                retry_safe: true,
+            }),
+        }
+    }
+
+    /// A voter's part of a leader transfer: campaign now.
+    pub(super) async fn elect_local(self: &Arc<Self>, group: GroupId) -> ForwardResponse {
+        if !self.hosts(group) {
+            return ForwardResponse::Failed(GroupError::UnknownGroup(group));
+        }
+        match self.wake(group).await {
+            Ok(h) => match h.raft.trigger().elect().await {
+                Ok(()) => ForwardResponse::Done,
+                Err(e) => {
+                    ForwardResponse::Failed(GroupError::Unavailable { group, reason: e.to_string(), retry_safe: true })
+                }
+            },
+            Err(e) => ForwardResponse::Failed(e),
+        }
+    }
+
+    /// On the leader: its membership (the newest: a leader's log holds every change).
+    pub(super) async fn members_local(self: &Arc<Self>, group: GroupId) -> ForwardResponse {
+        if !self.hosts(group) {
+            return ForwardResponse::Failed(GroupError::UnknownGroup(group));
+        }
+        let h = match self.wake(group).await {
+            Ok(h) => h,
+            Err(e) => return ForwardResponse::Failed(e),
+        };
+        let m = h.raft.metrics().borrow().clone();
+        if m.state != ServerState::Leader {
+            return ForwardResponse::NotLeader { leader: h.leader() };
+        }
+        let index = m.membership_config.log_id().map_or(0, |l| l.index);
+        let nodes = m.membership_config.membership().nodes().map(|(id, _)| *id).collect();
+        ForwardResponse::Members { index, nodes }
+    }
+
+    /// Local replicas whose catalog entry has a newer replica list without this node: a move
+    /// took them elsewhere (candidates only: `drop_removed_replica` asks the leader).
+    pub fn removed_replicas(&self) -> Vec<GroupId> {
+        let me = self.config.node_id;
+        let Ok(map) = self.catalog.shard_map() else { return Vec::new() };
+        self.local
+            .all()
+            .into_iter()
+            .filter(|s| s.id != keys::META_GROUP && !s.is_retired() && s.merging_into().is_none())
+            .filter(|s| {
+                // A replica with no membership naming this node (an empty one opened for a
+                // join or move, still waiting for its snapshot) is never a candidate.
+                let Some((mine, members)) = self.local_membership(s.id) else { return false };
+                members.contains(&me)
+                    && map.shards.get(&s.id).is_some_and(|desc| !desc.replicas.contains(&me) && desc.replicas_at > mine)
+            })
+            .map(|s| s.id)
+            .collect()
+    }
+
+    /// This replica's membership: its log index and every node in it (running: the newest
+    /// in its log; dormant: the applied one).
+    fn local_membership(&self, group: GroupId) -> Option<(u64, BTreeSet<NodeId>)> {
+        let stored = match self.group(group) {
+            Some(h) => h.raft.metrics().borrow().membership_config.as_ref().clone(),
+            None => {
+                let bytes = self.engine().get(Cf::RaftMeta, &keys::group_meta_key(group, "membership")).ok()??;
+                serde_json::from_slice::<StoredMembership>(&bytes).ok()?
+            }
+        };
+        let index = stored.log_id().map_or(0, |l| l.index);
+        Some((index, stored.membership().nodes().map(|(id, _)| *id).collect()))
+    }
+
+    /// Destroys this node's replica of `group` (raft state and the data of its range) if the
+    /// group's leader confirms this node is no longer a member; else leaves it running.
+    pub async fn drop_removed_replica(self: &Arc<Self>, group: GroupId) {
+        let me = self.config.node_id;
+        let lock = self.lifecycle_lock(group);
+        let _held = lock.lock().await;
+        // Stopped first: from here on this replica acknowledges nothing a leader could count.
+        let was_running = self.stop_locked(group).await;
+        let leader_says = self.ask_leader_members(group).await;
+        let gone = matches!(&leader_says, Some((_, nodes)) if !nodes.contains(&me));
+        if !gone {
+            tracing::debug!(group, ?leader_says, "replica still a member (or no leader answered); keeping it");
+            if was_running {
+                if let Err(e) = self.start_group_locked(group).await {
+                    tracing::warn!(group, error = %e, "restarting a replica kept after a removal check failed");
+                }
+            }
+            return;
+        }
+        let Some(state) = self.local.get(group) else { return };
+        let mut batch = WriteBatch::new();
+        let meta = group.to_be_bytes().to_vec();
+        batch.delete_range(Cf::RaftMeta, meta.clone(), prefix_end(&meta));
+        batch.delete_range(Cf::RaftLog, keys::log_key(group, 0), prefix_end(&meta));
+        // The data too, unless another local replica owns part of the range (then it stays:
+        // a leak, never a loss).
+        let shared = !self.local.overlapping(&state.start, &state.end, group).is_empty();
+        if !shared {
+            batch.delete_range(Cf::Data, state.start.clone(), state.end.clone());
+        }
+        if let Err(e) = self.write_synced(batch).await {
+            tracing::error!(group, error = %e, "deleting a removed replica failed");
+            return;
+        }
+        self.forget_dormant(group);
+        self.local.remove(group);
+        tracing::info!(group, data_kept = shared, "replica removed from its group destroyed");
+    }
+
+    /// Asks the replicas the catalog lists for `group` who leads it and what its membership
+    /// is; follows one leader hint per replica. `None` when no leader answered.
+    async fn ask_leader_members(self: &Arc<Self>, group: GroupId) -> Option<(u64, Vec<NodeId>)> {
+        let desc = self.catalog.shard_map().ok()?.shards.get(&group).cloned()?;
+        let nodes = self.catalog.nodes().ok()?;
+        let addr_of = |id: NodeId| nodes.iter().find(|n| n.id == id).map(|n| n.grpc_addr.clone());
+        let timeout = self.config.tuning.request_timeout;
+        let mut asked = BTreeSet::new();
+        let mut queue: Vec<NodeId> = desc.replicas.clone();
+        while let Some(target) = queue.pop() {
+            if target == self.config.node_id || !asked.insert(target) || asked.len() > 8 {
+                continue;
+            }
+            let Some(addr) = addr_of(target) else { continue };
+            let env = Envelope {
+                cluster_id: self.config.cluster_id.clone(),
+                group_id: group,
+                from_node: self.config.node_id,
+                to_node: target,
+            };
+            let payload = serde_json::to_vec(&ForwardRequest::Members).ok()?;
+            let Ok(reply) = self.transport.call(addr, env, RpcKind::Forward, payload, timeout).await else { continue };
+            match serde_json::from_slice::<ForwardResponse>(&reply) {
+                Ok(ForwardResponse::Members { index, nodes }) => return Some((index, nodes)),
+                Ok(ForwardResponse::NotLeader { leader: Some((id, _)) }) => queue.push(id),
+                _ => {}
+            }
+        }
+        None
+    }
+}
+
+/// Ends a transfer on the old leader: heartbeats on, proposals and reads flow again.
+fn finish_transfer(h: &GroupHandle) {
+    h.raft.runtime_config().heartbeat(true);
+    h.transferring.store(false, Ordering::Release);
+}
