@@ -61,22 +61,30 @@ fn bounded_seed_range_passes_all_checks() {
     }
 }
 
-/// The cluster's own actions under faults: shards split (through any node) and hibernate and
-/// wake while clients run and nodes crash and get cut off; every check stays green, and the
-/// schedule has teeth (splits applied, shards fell asleep on every replica).
+/// The cluster's own actions under faults: shards split (through any node), merge, change
+/// leader, hibernate and wake while clients run and nodes crash and get cut off; every check
+/// stays green, and the schedule has teeth (each kind of action applied, shards fell asleep
+/// on every replica).
 #[test]
 fn elastic_actions_mixed_with_faults_pass_all_checks() {
     use floe_sim::run::FaultKind;
-    let (mut splits, mut hibernations) = (0, 0);
+    let (mut splits, mut merges, mut transfers, mut hibernations) = (0, 0, 0, 0);
     for seed in 0..12u64 {
-        let faults = vec![FaultKind::Elastic, FaultKind::Crash, FaultKind::Partition, FaultKind::Net];
+        // Elastic actions weighted 3 to 1 against each fault class.
+        let mut faults = vec![FaultKind::Elastic; 3];
+        faults.extend([FaultKind::Crash, FaultKind::Partition, FaultKind::Net]);
         let r = run_seed(&RunConfig { seed, ops: 800, faults, ..RunConfig::default() }).expect("run");
         assert!(r.violations.is_empty(), "seed {seed}: {:?}", r.violations);
         assert_ne!(r.verdict, floe_sim::linearizability::Verdict::NotLinearizable, "seed {seed}");
         splits += r.splits;
+        merges += r.merges;
+        transfers += r.transfers;
         hibernations += r.hibernations;
     }
+    eprintln!("splits {splits} merges {merges} transfers {transfers} hibernations {hibernations}");
     assert!(splits >= 6, "only {splits} splits applied in 12 seeds");
+    assert!(merges >= 1, "no merge applied in 12 seeds");
+    assert!(transfers >= 1, "no leader transfer applied in 12 seeds");
     assert!(hibernations >= 6, "shards fell asleep only {hibernations} times in 12 seeds");
 }
 
