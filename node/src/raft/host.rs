@@ -245,6 +245,8 @@ pub struct RaftHost {
     /// Replicas with raft state on this node that are not running (hibernated, or not
     /// needed since the node started).
     dormant: Mutex<BTreeSet<GroupId>>,
+    /// Split children applied here and not started yet (hosted: a request starts one).
+    born: Mutex<BTreeSet<GroupId>>,
     /// One lock per group: starting and stopping a group happen under it.
     lifecycle: Mutex<BTreeMap<GroupId, Arc<tokio::sync::Mutex<()>>>>,
     /// Every local replica's applied state (range, epoch).
@@ -334,6 +336,7 @@ impl RaftHost {
             transport,
             groups: Mutex::new(BTreeMap::new()),
             dormant: Mutex::new(dormant),
+            born: Mutex::new(BTreeSet::new()),
             lifecycle: Mutex::new(BTreeMap::new()),
             local,
             catalog_cache,
@@ -458,7 +461,12 @@ impl RaftHost {
 
     /// True when this node has a replica of `group`, running or dormant.
     pub fn hosts(&self, group: GroupId) -> bool {
-        self.group(group).is_some() || self.is_dormant(group)
+        self.group(group).is_some() || self.is_dormant(group) || self.is_born(group)
+    }
+
+    /// True for a split child applied here and not started yet.
+    fn is_born(&self, group: GroupId) -> bool {
+        self.born.lock().is_ok_and(|b| b.contains(&group))
     }
 
     /// The applied index of this node's replica of `group`, running or dormant (0: none).
@@ -478,7 +486,7 @@ impl RaftHost {
     pub async fn wake(self: &Arc<Self>, group: GroupId) -> Result<Arc<GroupHandle>, GroupError> {
         let h = match self.group(group) {
             Some(h) => h,
-            None if self.is_dormant(group) => self.start_boxed(group).await?,
+            None if self.is_dormant(group) || self.is_born(group) => self.start_boxed(group).await?,
             None => return Err(GroupError::UnknownGroup(group)),
         };
         h.last_request_ms.store(self.now_ms(), Ordering::Release);
@@ -489,7 +497,7 @@ impl RaftHost {
     pub async fn wake_for_raft(self: &Arc<Self>, group: GroupId) -> Result<Arc<GroupHandle>, GroupError> {
         match self.group(group) {
             Some(h) => Ok(h),
-            None if self.is_dormant(group) => self.start_boxed(group).await,
+            None if self.is_dormant(group) || self.is_born(group) => self.start_boxed(group).await,
             None => Err(GroupError::UnknownGroup(group)),
         }
     }
@@ -578,6 +586,9 @@ impl RaftHost {
             if dormant.remove(&group) {
                 self.wakes.fetch_add(1, Ordering::Relaxed);
             }
+        }
+        if let Ok(mut born) = self.born.lock() {
+            born.remove(&group);
         }
         self.local.mark_open(group);
         Ok(handle)
@@ -1232,6 +1243,12 @@ async fn handle_events(host: std::sync::Weak<RaftHost>, mut events: mpsc::Unboun
             }
             GroupEvent::ChildrenBorn { parent, children } => {
                 let leads_parent = host.group(parent).is_some_and(|h| h.is_leader());
+                // Hosted from now on: starting a child can take a while (openraft builds a
+                // snapshot of its inherited range), and a request routed to it meanwhile
+                // wakes it (waiting on its lifecycle lock) instead of failing.
+                if let Ok(mut born) = host.born.lock() {
+                    born.extend(children.iter().filter(|c| host.group(**c).is_none()));
+                }
                 for child in &children {
                     match host.start_group(*child).await {
                         Ok(h) if leads_parent => {
