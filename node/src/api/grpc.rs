@@ -264,7 +264,7 @@ impl Admin for GrpcApi {
         _req: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
         let started = Instant::now();
-        let out = self.api.cluster_status().map(|s| pb::ClusterStatusResponse {
+        let out = self.api.cluster_status_fresh().await.map(|s| pb::ClusterStatusResponse {
             nodes: s
                 .nodes
                 .into_iter()

@@ -722,8 +722,10 @@ async fn drop_collection(State(api): Api, path: CollectionPath, headers: HeaderM
 }
 
 async fn cluster(State(api): Api) -> Response {
-    respond(&api, "cluster_status", async { Ok(json_response(StatusCode::OK, cluster_json(&api.cluster_status()?))) })
-        .await
+    respond(&api, "cluster_status", async {
+        Ok(json_response(StatusCode::OK, cluster_json(&api.cluster_status_fresh().await?)))
+    })
+    .await
 }
 
 async fn healthz(State(api): Api) -> Response {

@@ -710,6 +710,15 @@ impl NodeApi {
         }
     }
 
+    /// `cluster_status` after catching up with the meta group (so a split or merge that
+    /// returned shows); with no meta quorum, this node's own copy.
+    pub async fn cluster_status_fresh(&self) -> Result<ClusterStatus, ApiError> {
+        if let Err(e) = self.host.linearizable_position(keys::META_GROUP).await {
+            tracing::debug!(error = %e, "cluster status from this node's catalog copy");
+        }
+        self.cluster_status()
+    }
+
     /// Nodes and shards as this node sees them.
     pub fn cluster_status(&self) -> Result<ClusterStatus, ApiError> {
         let nodes = self

@@ -291,6 +291,9 @@ pub(super) async fn run_detached(
     }
 }
 
+/// How often a request polls a replica that just woke for its leader.
+const LEADER_POLL: Duration = Duration::from_millis(1);
+
 /// `Unavailable` (retry-safe: nothing was proposed) while a leader transfer holds `h`.
 fn transfer_running(h: &GroupHandle) -> Option<ForwardResponse> {
     h.transferring.load(Ordering::Acquire).then(|| {
@@ -926,7 +929,25 @@ impl RaftHost {
         loop {
             attempt += 1;
             let h = self.wake(group).await?;
-            let target = hint.take().or_else(|| h.leader());
+            let target = match hint.take().or_else(|| h.leader()) {
+                Some(known) => Some(known),
+                None => {
+                    // A replica that just woke learns its leader (its committed vote, or the
+                    // leader's first message) within milliseconds: poll for that instead of
+                    // a blind backoff (measured: +40 ms on every wake of a hibernated shard).
+                    // Polled, not `Raft::wait`: waiters on openraft's metrics `watch` wake in
+                    // an order tokio picks at random, which broke the simulator's replay.
+                    let until = tokio::time::Instant::now()
+                        + Duration::from_millis(self.config.tuning.election_timeout_max_ms)
+                            .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+                    let mut known = None;
+                    while known.is_none() && tokio::time::Instant::now() < until {
+                        tokio::time::sleep(LEADER_POLL).await;
+                        known = h.leader();
+                    }
+                    known
+                }
+            };
             // Whether this attempt reached a raft core that may have appended a proposal.
             let mut reached = true;
             let resp = match target {
@@ -1331,10 +1352,12 @@ impl RaftHost {
     /// tombstone counts: destroying a replica of a live group would make it vote with an
     /// empty log later.
     pub fn obsolete_replicas(&self) -> Vec<GroupId> {
+        // A merged-away shard has left the catalog's map: only those are looked up on disk.
+        let Ok(map) = self.catalog.shard_map() else { return Vec::new() };
         self.local
             .all()
             .into_iter()
-            .filter(|g| g.id != keys::META_GROUP)
+            .filter(|g| g.id != keys::META_GROUP && !map.shards.contains_key(&g.id))
             .filter(|g| self.catalog.is_merged_away(g.id).unwrap_or(false))
             .map(|g| g.id)
             .collect()

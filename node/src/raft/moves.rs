@@ -32,6 +32,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// How often a transfer checks whether leadership moved.
+const TRANSFER_POLL: Duration = Duration::from_millis(5);
+
 impl RaftHost {
     /// Bound on one leader transfer: the lease it waits out, an election, and the request.
     pub(super) fn transfer_timeout(&self) -> Duration {
@@ -102,15 +105,18 @@ impl RaftHost {
             Ok(payload) => self.transport.call(addr, env, RpcKind::Forward, payload, tuning.request_timeout).await,
             Err(e) => Err(crate::transport::TransportError::Refused(e.to_string())),
         };
-        let moved = h
-            .raft
-            .wait(Some(Duration::from_millis(2 * tuning.election_timeout_max_ms)))
-            .metrics(|m| m.current_leader.is_some_and(|l| l != me), "leadership moved")
-            .await;
+        // Polled (not `Raft::wait`, whose waiters tokio wakes in a random order: the
+        // simulator must replay exactly).
+        let until = tokio::time::Instant::now() + Duration::from_millis(2 * tuning.election_timeout_max_ms);
+        let mut moved = None;
+        while moved.is_none() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(TRANSFER_POLL).await;
+            moved = h.raft.metrics().borrow().current_leader.filter(|l| *l != me);
+        }
         finish_transfer(&h);
         match moved {
-            Ok(m) => ForwardResponse::Leader(m.current_leader.unwrap_or(to)),
-            Err(_) => ForwardResponse::Failed(GroupError::Unavailable {
+            Some(leader) => ForwardResponse::Leader(leader),
+            None => ForwardResponse::Failed(GroupError::Unavailable {
                 group,
                 reason: match asked {
                     Err(e) => format!("node {to} could not be asked to campaign: {e}"),
@@ -165,11 +171,13 @@ impl RaftHost {
             .into_iter()
             .filter(|s| s.id != keys::META_GROUP && !s.is_retired() && s.merging_into().is_none())
             .filter(|s| {
+                // The catalog first (in memory): reading every dormant replica's membership
+                // from disk every round costs CPU with thousands of shards.
+                let Some(desc) = map.shards.get(&s.id).filter(|d| !d.replicas.contains(&me)) else { return false };
                 // A replica with no membership naming this node (an empty one opened for a
                 // join or move, still waiting for its snapshot) is never a candidate.
                 let Some((mine, members)) = self.local_membership(s.id) else { return false };
-                members.contains(&me)
-                    && map.shards.get(&s.id).is_some_and(|desc| !desc.replicas.contains(&me) && desc.replicas_at > mine)
+                members.contains(&me) && desc.replicas_at > mine
             })
             .map(|s| s.id)
             .collect()
