@@ -89,7 +89,7 @@ async fn run() -> anyhow::Result<()> {
 
     // Node 4 joins (through any of nodes 1-3) while the writers go on.
     let ports = free_ports(2)?;
-    let (grpc, http) = (format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1]));
+    let (grpc, http_addr) = (format!("127.0.0.1:{}", ports[0]), format!("127.0.0.1:{}", ports[1]));
     let join_args = |id: u64, dir: &std::path::Path| -> Vec<String> {
         vec![
             "start".into(),
@@ -98,7 +98,7 @@ async fn run() -> anyhow::Result<()> {
             "--grpc-addr".into(),
             grpc.clone(),
             "--http-addr".into(),
-            http.clone(),
+            http_addr.clone(),
             "--data-dir".into(),
             dir.join(format!("node{id}")).display().to_string(),
             "--join".into(),
@@ -106,7 +106,7 @@ async fn run() -> anyhow::Result<()> {
         ]
     };
     let args = join_args(4, cluster.dir());
-    let process = FloeProcess::spawn("node4", args, cluster.dir(), grpc.clone(), http.clone())?;
+    let process = FloeProcess::spawn("node4", args, cluster.dir(), grpc.clone(), http_addr.clone())?;
     cluster.nodes.push(ClusterNode { node_id: 4, process });
     cluster.node_mut(4)?.process.wait_ready(READY_TIMEOUT).await.context("joined node ready")?;
     let node4 = Client::builder().endpoint(format!("http://{grpc}")).build()?;
@@ -118,6 +118,14 @@ async fn run() -> anyhow::Result<()> {
         bail!("node 4 should vote in the meta group only after joining: {:?}", replicas.replicas);
     }
 
+    // Node 4 holds no replica of the shard: a write through its HTTP gateway is forwarded to
+    // the shard's replicas; an eventual read there has nothing local to serve from.
+    let http = floe_tests::http_client();
+    let url = format!("http://{http_addr}/v1/collections/{COLLECTION}/docs/via-node-4");
+    let put = http.put(&url).body(r#"{"n":4}"#).header("content-type", "application/json").send().await?;
+    if !put.status().is_success() {
+        bail!("a write through node 4 (no replica) answered {}: {}", put.status(), put.text().await?);
+    }
     // A restarted member re-confirms its join (idempotent) and serves again.
     cluster.node_mut(4)?.process.restart()?;
     cluster.node_mut(4)?.process.wait_ready(READY_TIMEOUT).await.context("node 4 after restart")?;

@@ -928,9 +928,12 @@ impl RaftHost {
         let mut retry_safe = true;
         loop {
             attempt += 1;
-            let h = self.wake(group).await?;
-            let target = match hint.take().or_else(|| h.leader()) {
+            // A node without a replica (a shard on other nodes) sends it to one of the
+            // replicas the catalog lists; their answers point on to the leader.
+            let local = if self.hosts(group) { Some(self.wake(group).await?) } else { None };
+            let target = match hint.take().or_else(|| local.as_ref().and_then(|h| h.leader())) {
                 Some(known) => Some(known),
+                None if local.is_none() => self.catalog_replica(group, attempt),
                 None => {
                     // A replica that just woke learns its leader (its committed vote, or the
                     // leader's first message) within milliseconds: poll for that instead of
@@ -941,7 +944,10 @@ impl RaftHost {
                         + Duration::from_millis(self.config.tuning.election_timeout_max_ms)
                             .min(deadline.saturating_duration_since(tokio::time::Instant::now()));
                     let mut known = None;
-                    while known.is_none() && tokio::time::Instant::now() < until {
+                    while let Some(h) = local.as_ref().filter(|_| known.is_none()) {
+                        if tokio::time::Instant::now() >= until {
+                            break;
+                        }
                         tokio::time::sleep(LEADER_POLL).await;
                         known = h.leader();
                     }
@@ -1044,6 +1050,17 @@ impl RaftHost {
         }
     }
 
+    /// One of the replicas the catalog lists for `group` other than this node (rotating with
+    /// `attempt`), with its address.
+    fn catalog_replica(&self, group: GroupId, attempt: u32) -> Option<(NodeId, String)> {
+        let map = self.catalog.shard_map().ok()?;
+        let others: Vec<NodeId> =
+            map.shards.get(&group)?.replicas.iter().copied().filter(|r| *r != self.config.node_id).collect();
+        let id = *others.get(attempt.saturating_sub(1) as usize % others.len().max(1))?;
+        let addr = self.catalog.nodes().ok()?.into_iter().find(|n| n.id == id)?.grpc_addr;
+        Some((id, addr))
+    }
+
     /// Proposes `cmd` to `group` and returns the applied index and the state machine's answer.
     pub async fn propose(self: &Arc<Self>, group: GroupId, cmd: Command) -> Result<(u64, CommandResponse), GroupError> {
         match self.on_leader(group, ForwardRequest::Propose(cmd)).await? {
@@ -1060,6 +1077,10 @@ impl RaftHost {
         group: GroupId,
         batch: DocBatch,
     ) -> Result<(u64, CommandResponse), GroupError> {
+        if !self.hosts(group) {
+            // No local batcher: straight to a replica (see `on_leader`).
+            return self.propose(group, Command::Docs(batch)).await;
+        }
         let h = self.wake(group).await?;
         let (tx, rx) = oneshot::channel();
         h.proposals.try_send((batch, tx)).map_err(|e| GroupError::Unavailable {
