@@ -311,7 +311,9 @@ impl NodeApi {
     /// found (`floe_read_paths_total`).
     async fn read_position(&self, group: GroupId, consistency: &ReadConsistency) -> Result<u64, ApiError> {
         let leads = self.host.group(group).is_some_and(|g| g.is_leader());
-        if *consistency != ReadConsistency::Eventual && !self.host.hosts(group) {
+        // Every level, eventual too: this node's data holds nothing of a shard it has no
+        // replica of (a "not found" would be a lie). Forwarding reads is not built yet.
+        if !self.host.hosts(group) {
             return Err(ApiError::Unavailable {
                 message: format!(
                     "shard {group} has no replica on node {}; send the request to one of its replicas",
