@@ -543,7 +543,12 @@ pub async fn placement_loop(api: Weak<NodeApi>) {
             }
         };
         for action in placement::plan(&views, &nodes, &api.placement) {
-            let bound = api.request_timeout() * 2;
+            // A move waits for a learner to catch up (a snapshot): cut short, it would
+            // leave the shard with an extra voter.
+            let bound = match action {
+                Action::Move { .. } => 2 * crate::raft::host::MEMBERSHIP_TIMEOUT,
+                _ => api.request_timeout() * 2,
+            };
             match tokio::time::timeout(bound, api.run_action(action.clone())).await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::info!(?action, error = %e, "placement operation failed; a later round retries"),

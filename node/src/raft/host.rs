@@ -512,7 +512,22 @@ impl RaftHost {
         group: GroupId,
     ) -> futures::future::BoxFuture<'static, Result<Arc<GroupHandle>, GroupError>> {
         let host = self.clone();
-        Box::pin(async move { host.start_group(group).await })
+        Box::pin(async move { host.start_hosted(group).await })
+    }
+
+    /// Starts a replica this node hosts (dormant, or a split child not started yet). Checked
+    /// again under the lifecycle lock: a replica destroyed meanwhile (merged away, or
+    /// removed from its group) must not come back as an empty one.
+    async fn start_hosted(self: &Arc<Self>, group: GroupId) -> Result<Arc<GroupHandle>, GroupError> {
+        let lock = self.lifecycle_lock(group);
+        let _started = lock.lock().await;
+        if let Some(h) = self.group(group) {
+            return Ok(h);
+        }
+        if !self.is_dormant(group) && !self.is_born(group) {
+            return Err(GroupError::UnknownGroup(group));
+        }
+        self.start_group_locked(group).await
     }
 
     pub(super) fn lifecycle_lock(&self, group: GroupId) -> Arc<tokio::sync::Mutex<()>> {
@@ -631,10 +646,20 @@ impl RaftHost {
         }
     }
 
-    /// Forgets `group` as a dormant replica (its raft state is gone).
+    /// Forgets `group` as a hosted replica that is not running (its raft state is gone).
     pub(super) fn forget_dormant(&self, group: GroupId) {
         if let Ok(mut dormant) = self.dormant.lock() {
             dormant.remove(&group);
+        }
+        if let Ok(mut born) = self.born.lock() {
+            born.remove(&group);
+        }
+    }
+
+    /// Keeps `group` as a dormant replica (its raft state is on disk; a request starts it).
+    pub(super) fn keep_dormant(&self, group: GroupId) {
+        if let Ok(mut dormant) = self.dormant.lock() {
+            dormant.insert(group);
         }
     }
 
@@ -1297,7 +1322,12 @@ async fn handle_events(host: std::sync::Weak<RaftHost>, mut events: mpsc::Unboun
                             let _ = h.raft.trigger().elect().await;
                         }
                         Ok(_) => {}
-                        Err(e) => tracing::error!(parent, child, error = %e, "starting a split child failed"),
+                        Err(e) => {
+                            // Its state is on disk: the next request or message starts it.
+                            tracing::error!(parent, child, error = %e, "starting a split child failed");
+                            host.forget_dormant(*child);
+                            host.keep_dormant(*child);
+                        }
                     }
                 }
                 tracing::info!(parent, ?children, leads_parent, "split applied: children started");

@@ -80,6 +80,7 @@ impl RaftHost {
             tracing::error!(group, error = %e, "deleting a merged part's raft state failed");
             return;
         }
+        self.forget_dormant(group);
         self.local.remove(group);
         tracing::info!(group, "merged part's replica destroyed");
     }

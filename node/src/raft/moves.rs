@@ -105,6 +105,16 @@ impl RaftHost {
             Ok(payload) => self.transport.call(addr, env, RpcKind::Forward, payload, tuning.request_timeout).await,
             Err(e) => Err(crate::transport::TransportError::Refused(e.to_string())),
         };
+        if let Err(e) = asked {
+            // Nobody was asked to campaign: resume at once (waiting on would only invite an
+            // election by whichever follower times out first).
+            finish_transfer(&h);
+            return ForwardResponse::Failed(GroupError::Unavailable {
+                group,
+                reason: format!("node {to} could not be asked to campaign: {e}"),
+                retry_safe: true,
+            });
+        }
         // Polled (not `Raft::wait`, whose waiters tokio wakes in a random order: the
         // simulator must replay exactly).
         let until = tokio::time::Instant::now() + Duration::from_millis(2 * tuning.election_timeout_max_ms);
@@ -118,10 +128,7 @@ impl RaftHost {
             Some(leader) => ForwardResponse::Leader(leader),
             None => ForwardResponse::Failed(GroupError::Unavailable {
                 group,
-                reason: match asked {
-                    Err(e) => format!("node {to} could not be asked to campaign: {e}"),
-                    Ok(_) => format!("leadership of group {group} stayed on node {me}"),
-                },
+                reason: format!("leadership of group {group} stayed on node {me}"),
                 retry_safe: true,
             }),
         }
@@ -152,11 +159,29 @@ impl RaftHost {
             Ok(h) => h,
             Err(e) => return ForwardResponse::Failed(e),
         };
-        let m = h.raft.metrics().borrow().clone();
-        if m.state != ServerState::Leader {
+        if h.raft.metrics().borrow().state != ServerState::Leader {
             return ForwardResponse::NotLeader { leader: h.leader() };
         }
+        // Only a confirmed leader whose membership is committed may answer: a replica is
+        // deleted on this word (a deposed leader, or an uncommitted removal, must not say
+        // "not a member" to a replica the real configuration still counts).
+        if let Err(e) = h.raft.ensure_linearizable().await {
+            return ForwardResponse::Failed(GroupError::Unavailable {
+                group,
+                reason: format!("leadership not confirmed: {e}"),
+                retry_safe: true,
+            });
+        }
+        let m = h.raft.metrics().borrow().clone();
         let index = m.membership_config.log_id().map_or(0, |l| l.index);
+        let applied = m.last_applied.map_or(0, |l| l.index);
+        if index > applied || m.membership_config.membership().get_joint_config().len() != 1 {
+            return ForwardResponse::Failed(GroupError::Unavailable {
+                group,
+                reason: "a membership change is not committed yet".into(),
+                retry_safe: true,
+            });
+        }
         let nodes = m.membership_config.membership().nodes().map(|(id, _)| *id).collect();
         ForwardResponse::Members { index, nodes }
     }
@@ -201,17 +226,27 @@ impl RaftHost {
     /// group's leader confirms this node is no longer a member; else leaves it running.
     pub async fn drop_removed_replica(self: &Arc<Self>, group: GroupId) {
         let me = self.config.node_id;
+        // Asked once before stopping anything: a learner catching up (a move back) is not
+        // interrupted every round.
+        if !matches!(self.ask_leader_members(group).await, Some((_, nodes)) if !nodes.contains(&me)) {
+            return;
+        }
         let lock = self.lifecycle_lock(group);
         let _held = lock.lock().await;
+        let seen_before = self.local_membership(group).map_or(0, |(index, _)| index);
         // Stopped first: from here on this replica acknowledges nothing a leader could count.
         let was_running = self.stop_locked(group).await;
+        let seen = seen_before.max(self.local_membership(group).map_or(0, |(index, _)| index));
         let leader_says = self.ask_leader_members(group).await;
-        let gone = matches!(&leader_says, Some((_, nodes)) if !nodes.contains(&me));
+        // The leader's (committed) membership must be at least as new as any this replica
+        // has seen, and must not name it.
+        let gone = matches!(&leader_says, Some((index, nodes)) if *index >= seen && !nodes.contains(&me));
         if !gone {
-            tracing::debug!(group, ?leader_says, "replica still a member (or no leader answered); keeping it");
+            tracing::debug!(group, ?leader_says, seen, "replica still a member (or no leader answered); keeping it");
             if was_running {
                 if let Err(e) = self.start_group_locked(group).await {
                     tracing::warn!(group, error = %e, "restarting a replica kept after a removal check failed");
+                    self.keep_dormant(group);
                 }
             }
             return;
