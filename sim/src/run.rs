@@ -255,8 +255,7 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
             trace.clone(),
             rng,
             done_rx,
-            config.faults.clone(),
-            config.keys,
+            FaultMix { kinds: config.faults.clone(), keys: config.keys },
             elastic.clone(),
         )))
     } else {
@@ -899,6 +898,13 @@ fn split_key(rng: &mut ChaCha8Rng, keys: u64) -> Vec<u8> {
     }
 }
 
+/// What the fault loop draws from: the fault classes (a class listed twice is drawn twice
+/// as often) and the number of register documents (split points come from them).
+struct FaultMix {
+    kinds: Vec<FaultKind>,
+    keys: u64,
+}
+
 /// The elastic actions the fault loop carried out.
 #[derive(Default)]
 struct ElasticCounts {
@@ -914,10 +920,10 @@ async fn fault_loop(
     trace: Arc<Trace>,
     mut rng: ChaCha8Rng,
     done: tokio::sync::watch::Receiver<bool>,
-    kinds: Vec<FaultKind>,
-    keys: u64,
+    mix: FaultMix,
     elastic: Arc<ElasticCounts>,
 ) -> u64 {
+    let FaultMix { kinds, keys } = mix;
     let ids = cluster.lock().await.ids();
     let mut count = 0;
     while !*done.borrow() {
@@ -1141,11 +1147,14 @@ async fn final_reads(
     }
 }
 
+/// One local replica after heal: `(group, applied index, epoch, start, end)`.
+type ReplicaView = (u64, u64, u64, Vec<u8>, Vec<u8>);
+
 /// One node's state after heal, for the convergence check.
 #[derive(Debug, PartialEq, Eq)]
 struct NodeView {
     /// Every local replica: `(group, applied index, epoch, start, end)`.
-    replicas: Vec<(u64, u64, u64, Vec<u8>, Vec<u8>)>,
+    replicas: Vec<ReplicaView>,
     /// The node's catalog copy: `(group, epoch, start, end)`.
     catalog: Vec<(u64, u64, Vec<u8>, Vec<u8>)>,
     /// Merges the node's catalog still has a record of (none once every merge finished).

@@ -24,12 +24,12 @@ use openraft::{RaftMetrics, ServerState};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+/// A group's followers: id and address.
+pub type Followers = Vec<(NodeId, String)>;
+
 /// Where a leader would ask its followers to stop: `(term, last log index, followers)`, when
 /// the group is at rest (pure).
-pub fn ready_to_hibernate(
-    m: &RaftMetrics<NodeId, openraft::BasicNode>,
-    me: NodeId,
-) -> Option<(u64, u64, Vec<(NodeId, String)>)> {
+pub fn ready_to_hibernate(m: &RaftMetrics<NodeId, openraft::BasicNode>, me: NodeId) -> Option<(u64, u64, Followers)> {
     if m.state != ServerState::Leader {
         return None;
     }
