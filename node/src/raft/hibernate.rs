@@ -19,7 +19,6 @@
 use super::host::{ForwardRequest, ForwardResponse, RaftHost};
 use super::types::NodeId;
 use crate::keys;
-use crate::transport::{Envelope, RpcKind};
 use openraft::{RaftMetrics, ServerState};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -34,7 +33,7 @@ pub fn ready_to_hibernate(m: &RaftMetrics<NodeId, openraft::BasicNode>, me: Node
         return None;
     }
     let membership = m.membership_config.membership();
-    if membership.get_joint_config().len() != 1 || membership.learner_ids().next().is_some() {
+    if !super::types::is_settled(membership) {
         return None;
     }
     let last = m.last_log_index?;
@@ -102,21 +101,10 @@ pub async fn run(host: Weak<RaftHost>) {
 /// Asks every follower to stop at `(term, last)`; true when all did.
 async fn ask_followers(host: &Arc<RaftHost>, group: u64, term: u64, last: u64, followers: &[(NodeId, String)]) -> bool {
     let request = ForwardRequest::Hibernate { term, last_log_index: last };
-    let Ok(payload) = serde_json::to_vec(&request) else { return false };
+    let timeout = Duration::from_millis(host.config.tuning.heartbeat_interval_ms.max(100) * 2);
     for (node, addr) in followers {
-        let env = Envelope {
-            cluster_id: host.config.cluster_id.clone(),
-            group_id: group,
-            from_node: host.config.node_id,
-            to_node: *node,
-        };
-        let timeout = Duration::from_millis(host.config.tuning.heartbeat_interval_ms.max(100) * 2);
-        let reply = host.transport.call(addr.clone(), env, RpcKind::Forward, payload.clone(), timeout).await;
-        let stopped = reply
-            .ok()
-            .and_then(|b| serde_json::from_slice::<ForwardResponse>(&b).ok())
-            .is_some_and(|r| matches!(r, ForwardResponse::Hibernated(true)));
-        if !stopped {
+        let reply = host.ask_node(group, *node, addr, &request, timeout).await;
+        if !matches!(reply, Ok(ForwardResponse::Hibernated(true))) {
             return false;
         }
     }

@@ -762,7 +762,7 @@ impl RaftHost {
         }
         let membership = h.raft.metrics().borrow().membership_config.membership().clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
-        let uniform = membership.get_joint_config().len() == 1;
+        let uniform = super::types::is_uniform(&membership);
         let membership_index = h.raft.metrics().borrow().membership_config.log_id().map(|l| l.index).unwrap_or(0);
         let unchanged = |voters: &BTreeSet<NodeId>| ForwardResponse::MembersChanged {
             index: membership_index,
@@ -862,6 +862,31 @@ impl RaftHost {
         }
     }
 
+    /// Sends `req` about `group` to node `to` at `addr` and decodes its answer (a transport
+    /// or decoding failure as text).
+    pub(super) async fn ask_node(
+        &self,
+        group: GroupId,
+        to: NodeId,
+        addr: &str,
+        req: &ForwardRequest,
+        timeout: Duration,
+    ) -> Result<ForwardResponse, String> {
+        let env = Envelope {
+            cluster_id: self.config.cluster_id.clone(),
+            group_id: group,
+            from_node: self.config.node_id,
+            to_node: to,
+        };
+        let payload = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+        let reply = self
+            .transport
+            .call(addr.to_string(), env, RpcKind::Forward, payload, timeout)
+            .await
+            .map_err(|e| e.to_string())?;
+        serde_json::from_slice(&reply).map_err(|e| e.to_string())
+    }
+
     /// Asks node `id` (at `addr`) to create an empty replica of `group` if it has none.
     async fn open_replica_on(
         &self,
@@ -870,20 +895,8 @@ impl RaftHost {
         addr: &str,
         deadline: tokio::time::Instant,
     ) -> Result<(), String> {
-        let env = Envelope {
-            cluster_id: self.config.cluster_id.clone(),
-            group_id: group,
-            from_node: self.config.node_id,
-            to_node: id,
-        };
-        let payload = serde_json::to_vec(&ForwardRequest::OpenReplica).map_err(|e| e.to_string())?;
         let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let reply = self
-            .transport
-            .call(addr.to_string(), env, RpcKind::Forward, payload, left)
-            .await
-            .map_err(|e| e.to_string())?;
-        match serde_json::from_slice::<ForwardResponse>(&reply).map_err(|e| e.to_string())? {
+        match self.ask_node(group, id, addr, &ForwardRequest::OpenReplica, left).await? {
             ForwardResponse::Done => Ok(()),
             ForwardResponse::Failed(e) => Err(format!("node {id} could not open a replica of group {group}: {e}")),
             other => Err(format!("node {id} answered {other:?} to opening a replica of group {group}")),

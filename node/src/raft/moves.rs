@@ -21,11 +21,10 @@
 //!   own task and restores both on every path.
 
 use super::host::{run_detached, ForwardRequest, ForwardResponse, GroupError, GroupHandle, RaftHost};
-use super::types::{GroupId, NodeId, StoredMembership};
+use super::types::{is_uniform, GroupId, NodeId, StoredMembership};
 use crate::keys;
 use crate::storage::engine::prefix_end;
 use crate::storage::{Cf, WriteBatch};
-use crate::transport::{Envelope, RpcKind};
 use openraft::ServerState;
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
@@ -75,7 +74,7 @@ impl RaftHost {
             return ForwardResponse::Leader(me);
         }
         let membership = m.membership_config.membership().clone();
-        if membership.get_joint_config().len() != 1 {
+        if !is_uniform(&membership) {
             return ForwardResponse::Failed(GroupError::Unavailable {
                 group,
                 reason: "a membership change is in progress".into(),
@@ -100,12 +99,7 @@ impl RaftHost {
         h.raft.runtime_config().heartbeat(false);
         // The followers refuse to vote while their lease on this leader runs.
         tokio::time::sleep(Duration::from_millis(tuning.election_timeout_max_ms + tuning.heartbeat_interval_ms)).await;
-        let env = Envelope { cluster_id: self.config.cluster_id.clone(), group_id: group, from_node: me, to_node: to };
-        let asked = match serde_json::to_vec(&ForwardRequest::Elect) {
-            Ok(payload) => self.transport.call(addr, env, RpcKind::Forward, payload, tuning.request_timeout).await,
-            Err(e) => Err(crate::transport::TransportError::Refused(e.to_string())),
-        };
-        if let Err(e) = asked {
+        if let Err(e) = self.ask_node(group, to, &addr, &ForwardRequest::Elect, tuning.request_timeout).await {
             // Nobody was asked to campaign: resume at once (waiting on would only invite an
             // election by whichever follower times out first).
             finish_transfer(&h);
@@ -175,7 +169,7 @@ impl RaftHost {
         let m = h.raft.metrics().borrow().clone();
         let index = m.membership_config.log_id().map_or(0, |l| l.index);
         let applied = m.last_applied.map_or(0, |l| l.index);
-        if index > applied || m.membership_config.membership().get_joint_config().len() != 1 {
+        if index > applied || !is_uniform(m.membership_config.membership()) {
             return ForwardResponse::Failed(GroupError::Unavailable {
                 group,
                 reason: "a membership change is not committed yet".into(),
@@ -285,15 +279,7 @@ impl RaftHost {
                 continue;
             }
             let Some(addr) = addr_of(target) else { continue };
-            let env = Envelope {
-                cluster_id: self.config.cluster_id.clone(),
-                group_id: group,
-                from_node: self.config.node_id,
-                to_node: target,
-            };
-            let payload = serde_json::to_vec(&ForwardRequest::Members).ok()?;
-            let Ok(reply) = self.transport.call(addr, env, RpcKind::Forward, payload, timeout).await else { continue };
-            match serde_json::from_slice::<ForwardResponse>(&reply) {
+            match self.ask_node(group, target, &addr, &ForwardRequest::Members, timeout).await {
                 Ok(ForwardResponse::Members { index, nodes }) => return Some((index, nodes)),
                 Ok(ForwardResponse::NotLeader { leader: Some((id, _)) }) => queue.push(id),
                 _ => {}

@@ -27,8 +27,8 @@
 
 use super::local_shards::{GroupEvent, LocalShards};
 use super::types::{
-    Command, CommandResponse, Entry, GroupId, LogId, Snapshot, SnapshotMeta, SplitDone, StorageError, StoredMembership,
-    TypeConfig, Vote,
+    is_settled, Command, CommandResponse, Entry, GroupId, LogId, Snapshot, SnapshotMeta, SplitDone, StorageError,
+    StoredMembership, TypeConfig, Vote,
 };
 use crate::catalog::{self, ShardMapCache};
 use crate::docs::{self, DocBatch, StoredDoc};
@@ -318,7 +318,7 @@ impl GroupStateMachine {
                 let mut expected = voters.clone();
                 actual.sort_unstable();
                 expected.sort_unstable();
-                if membership.get_joint_config().len() != 1 || membership.learner_ids().next().is_some() {
+                if !is_settled(membership) {
                     Err(MergeRefused::MembershipChanging(self.group))
                 } else if actual != expected {
                     Err(MergeRefused::ReplicasDiffer { group: self.group, expected, actual })
@@ -360,7 +360,7 @@ impl GroupStateMachine {
             _ => return Ok(CommandResponse::WrongGroup("only shard groups split".into())),
         };
         let membership = self.membership.membership();
-        if membership.get_joint_config().len() != 1 || membership.learner_ids().next().is_some() {
+        if !is_settled(membership) {
             // A learner being caught up (a join) would stay a learner of the children.
             return Ok(CommandResponse::Split(Err(SplitRefused::MembershipChanging(self.group))));
         }

@@ -110,3 +110,13 @@ pub type SnapshotMeta = openraft::SnapshotMeta<NodeId, openraft::BasicNode>;
 pub type Snapshot = openraft::Snapshot<TypeConfig>;
 pub type StorageError = openraft::StorageError<NodeId>;
 pub type Membership = openraft::Membership<NodeId, openraft::BasicNode>;
+
+/// One configuration, not a joint one (no voter change is half done).
+pub fn is_uniform(membership: &Membership) -> bool {
+    membership.get_joint_config().len() == 1
+}
+
+/// Uniform and without learners: no membership change is under way.
+pub fn is_settled(membership: &Membership) -> bool {
+    is_uniform(membership) && membership.learner_ids().next().is_none()
+}
