@@ -161,6 +161,15 @@ impl Metrics {
         let _ = writeln!(out, "# HELP floe_raft_messages_received_total Node-to-node messages this node received (raft, snapshots, forwarded requests).");
         let _ = writeln!(out, "# TYPE floe_raft_messages_received_total counter");
         let _ = writeln!(out, "floe_raft_messages_received_total {}", host.messages_received());
+        let sent = host.transport_stats();
+        let _ = writeln!(out, "# HELP floe_raft_messages_sent_total Node-to-node messages this node sent, and the batches that carried them (one stream message per batch per peer).");
+        let _ = writeln!(out, "# TYPE floe_raft_messages_sent_total counter");
+        let _ = writeln!(out, "floe_raft_messages_sent_total {}", sent.frames_sent);
+        let _ = writeln!(out, "# TYPE floe_raft_batches_sent_total counter");
+        let _ = writeln!(out, "floe_raft_batches_sent_total {}", sent.batches_sent);
+        let _ = writeln!(out, "# HELP floe_peer_links_opened_total Streams opened to peer nodes (after a start, a broken connection or a failed open).");
+        let _ = writeln!(out, "# TYPE floe_peer_links_opened_total counter");
+        let _ = writeln!(out, "floe_peer_links_opened_total {}", sent.links_opened);
         let _ = writeln!(out, "# HELP floe_group_wakes_total Dormant group replicas started again (hibernation wake-ups and first use after a restart).");
         let _ = writeln!(out, "# TYPE floe_group_wakes_total counter");
         let _ = writeln!(out, "floe_group_wakes_total {}", host.wakes());

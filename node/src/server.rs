@@ -208,12 +208,19 @@ async fn serve_grpc(
         .build_v1();
     let grpc_api = GrpcApi::new(api.clone());
     let inbound: Arc<dyn Inbound> = Arc::new(host);
-    let mut builder = tonic::transport::Server::builder().tcp_nodelay(true);
+    let mut builder = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(crate::transport::grpc::STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(crate::transport::grpc::CONNECTION_WINDOW_BYTES);
     let router = builder
         .add_service(health_service)
         .add_service(DocumentsServer::new(grpc_api.clone()).max_decoding_message_size(64 << 20))
         .add_service(AdminServer::new(grpc_api))
-        .add_service(RaftTransportServer::new(RaftTransportService::new(inbound)).max_decoding_message_size(256 << 20));
+        .add_service(
+            RaftTransportServer::new(RaftTransportService::new(inbound))
+                .max_decoding_message_size(crate::transport::mux::MESSAGE_BYTES_MAX)
+                .max_encoding_message_size(crate::transport::mux::MESSAGE_BYTES_MAX),
+        );
     let router = match reflection {
         Ok(r) => router.add_service(r),
         Err(e) => {

@@ -373,6 +373,11 @@ impl RaftHost {
         self.messages_received.load(Ordering::Relaxed)
     }
 
+    /// What this node's transport has sent (batches and the messages in them).
+    pub fn transport_stats(&self) -> crate::transport::TransportStats {
+        self.transport.stats()
+    }
+
     /// Dormant replicas started again so far.
     pub fn wakes(&self) -> u64 {
         self.wakes.load(Ordering::Relaxed)

@@ -1,37 +1,29 @@
-//! gRPC implementation of the transport: a tonic client per peer and the tonic service that
-//! feeds peers' messages to this node's `Inbound`.
+//! gRPC implementation of the transport: the client side and the tonic service that feeds
+//! peers' messages to this node's `Inbound`.
 //!
-//! One lazily connected HTTP/2 channel per peer address, shared by every group.
+//! One lazily connected HTTP/2 connection per peer address, shared by every group. Raft
+//! messages and forwarded requests travel batched on one long-lived stream on it (`mux.rs`);
+//! snapshots get a stream of their own each.
 
-use super::{Envelope, Inbound, RpcKind, Transport, TransportError, SNAPSHOT_CHUNK_BYTES_MAX};
+use super::mux::{self, envelope_from_proto, envelope_to_proto, reply_payload, PeerLinks};
+use super::{Envelope, Inbound, RpcKind, Transport, TransportError, TransportStats, SNAPSHOT_CHUNK_BYTES_MAX};
 use floe_proto::internal::raft_transport_client::RaftTransportClient;
 use floe_proto::internal::raft_transport_server::RaftTransport;
-use floe_proto::internal::{RaftEnvelope, RaftReply, SnapshotChunk};
+use floe_proto::internal::{RaftBatch, RaftReply, RaftReplyBatch, SnapshotChunk};
 use futures::future::BoxFuture;
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status, Streaming};
 
-fn to_proto(e: &Envelope, payload: Vec<u8>) -> RaftEnvelope {
-    RaftEnvelope {
-        cluster_id: e.cluster_id.clone(),
-        group_id: e.group_id,
-        from_node: e.from_node,
-        to_node: e.to_node,
-        payload,
-    }
-}
-
-fn from_proto(e: &RaftEnvelope) -> Envelope {
-    Envelope { cluster_id: e.cluster_id.clone(), group_id: e.group_id, from_node: e.from_node, to_node: e.to_node }
-}
-
-/// Outgoing gRPC transport with a channel cache.
+/// Outgoing gRPC transport: a connection cache and the per-peer message links.
 #[derive(Default, Clone)]
 pub struct GrpcTransport {
     channels: Arc<Mutex<BTreeMap<String, Channel>>>,
+    links: Arc<PeerLinks>,
 }
 
 impl GrpcTransport {
@@ -52,6 +44,9 @@ impl GrpcTransport {
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .initial_stream_window_size(Some(STREAM_WINDOW_BYTES))
+            .initial_connection_window_size(Some(CONNECTION_WINDOW_BYTES))
             .connect_lazy();
         channels.insert(addr.to_string(), channel.clone());
         Ok(channel)
@@ -82,13 +77,10 @@ fn map_status(s: Status, timeout: Duration) -> TransportError {
     }
 }
 
-fn reply_payload(reply: RaftReply) -> Result<Vec<u8>, TransportError> {
-    if reply.refused.is_empty() {
-        Ok(reply.payload)
-    } else {
-        Err(TransportError::Refused(reply.refused))
-    }
-}
+/// HTTP/2 flow-control windows: every group's appends share one stream, so the default 64 KiB
+/// window would throttle catch-up traffic to one window per round trip.
+pub const STREAM_WINDOW_BYTES: u32 = 8 << 20;
+pub const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 
 impl Transport for GrpcTransport {
     fn call(
@@ -99,24 +91,17 @@ impl Transport for GrpcTransport {
         payload: Vec<u8>,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<Vec<u8>, TransportError>> {
-        let channel = self.channel(&addr);
-        Box::pin(async move {
-            let mut client = RaftTransportClient::new(channel?).max_decoding_message_size(64 << 20);
-            let mut req = Request::new(to_proto(&envelope, payload));
-            req.set_timeout(timeout);
-            let fut = async {
-                match kind {
-                    RpcKind::AppendEntries => client.append_entries(req).await,
-                    RpcKind::Vote => client.vote(req).await,
-                    RpcKind::Forward => client.forward(req).await,
-                }
-            };
-            match tokio::time::timeout(timeout, fut).await {
-                Err(_) => Err(TransportError::Timeout(timeout)),
-                Ok(Err(s)) => Err(map_status(s, timeout)),
-                Ok(Ok(resp)) => reply_payload(resp.into_inner()),
-            }
-        })
+        let this = self.clone();
+        Box::pin(async move { this.links.call(&addr, || this.channel(&addr), &envelope, kind, payload, timeout).await })
+    }
+
+    fn stats(&self) -> TransportStats {
+        let s = self.links.stats();
+        TransportStats {
+            batches_sent: s.batches.load(Ordering::Relaxed),
+            frames_sent: s.frames.load(Ordering::Relaxed),
+            links_opened: s.links_opened.load(Ordering::Relaxed),
+        }
     }
 
     fn send_snapshot(
@@ -131,7 +116,7 @@ impl Transport for GrpcTransport {
         Box::pin(async move {
             let mut client = RaftTransportClient::new(channel?).max_decoding_message_size(64 << 20);
             let mut chunks = vec![SnapshotChunk {
-                envelope: Some(to_proto(&envelope, header)),
+                envelope: Some(envelope_to_proto(&envelope, header)),
                 data: Vec::new(),
                 done: data.is_empty(),
             }];
@@ -158,15 +143,6 @@ impl RaftTransportService {
     pub fn new(inbound: Arc<dyn Inbound>) -> Self {
         Self { inbound }
     }
-
-    async fn dispatch(&self, req: Request<RaftEnvelope>, kind: RpcKind) -> Result<Response<RaftReply>, Status> {
-        let env = req.into_inner();
-        let reply = match self.inbound.handle(from_proto(&env), kind, env.payload).await {
-            Ok(payload) => RaftReply { payload, refused: String::new() },
-            Err(refused) => RaftReply { payload: Vec::new(), refused },
-        };
-        Ok(Response::new(reply))
-    }
 }
 
 /// Largest snapshot accepted over the wire.
@@ -174,16 +150,10 @@ pub const SNAPSHOT_BYTES_MAX: usize = 4 << 30;
 
 #[tonic::async_trait]
 impl RaftTransport for RaftTransportService {
-    async fn append_entries(&self, req: Request<RaftEnvelope>) -> Result<Response<RaftReply>, Status> {
-        self.dispatch(req, RpcKind::AppendEntries).await
-    }
+    type StreamStream = ReceiverStream<Result<RaftReplyBatch, Status>>;
 
-    async fn vote(&self, req: Request<RaftEnvelope>) -> Result<Response<RaftReply>, Status> {
-        self.dispatch(req, RpcKind::Vote).await
-    }
-
-    async fn forward(&self, req: Request<RaftEnvelope>) -> Result<Response<RaftReply>, Status> {
-        self.dispatch(req, RpcKind::Forward).await
+    async fn stream(&self, req: Request<Streaming<RaftBatch>>) -> Result<Response<Self::StreamStream>, Status> {
+        Ok(Response::new(mux::serve(self.inbound.clone(), req.into_inner())))
     }
 
     async fn install_snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftReply>, Status> {
@@ -202,10 +172,120 @@ impl RaftTransport for RaftTransportService {
             data.extend_from_slice(&chunk.data);
             done = chunk.done;
         }
-        let reply = match self.inbound.handle_snapshot(from_proto(&env), env.payload, data).await {
+        let reply = match self.inbound.handle_snapshot(envelope_from_proto(&env), env.payload, data).await {
             Ok(payload) => RaftReply { payload, refused: String::new() },
             Err(refused) => RaftReply { payload: Vec::new(), refused },
         };
         Ok(Response::new(reply))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Both halves of the batched stream over loopback, with a test `Inbound`.
+    use super::*;
+    use floe_proto::internal::raft_transport_server::RaftTransportServer;
+
+    /// Answers `payload` reversed; a payload starting with `sleep:N` sleeps N ms first; one
+    /// starting with `refuse` is refused.
+    struct Echo;
+
+    impl Inbound for Echo {
+        fn handle(
+            &self,
+            env: Envelope,
+            _kind: RpcKind,
+            payload: Vec<u8>,
+        ) -> BoxFuture<'static, Result<Vec<u8>, String>> {
+            Box::pin(async move {
+                let text = String::from_utf8_lossy(&payload).to_string();
+                if text.starts_with("refuse") {
+                    return Err(format!("refused group {}", env.group_id));
+                }
+                if let Some(ms) = text.strip_prefix("sleep:").and_then(|r| r.split(':').next()?.parse().ok()) {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                }
+                Ok(payload.iter().rev().copied().collect())
+            })
+        }
+
+        fn handle_snapshot(&self, _: Envelope, _: Vec<u8>, _: Vec<u8>) -> BoxFuture<'static, Result<Vec<u8>, String>> {
+            Box::pin(async { Err("no snapshots here".to_string()) })
+        }
+    }
+
+    async fn start_server() -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let service = RaftTransportServer::new(RaftTransportService::new(Arc::new(Echo)));
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        addr
+    }
+
+    fn envelope(group: u64) -> Envelope {
+        Envelope { cluster_id: "c".into(), group_id: group, from_node: 1, to_node: 2 }
+    }
+
+    #[tokio::test]
+    async fn concurrent_calls_share_one_batch_and_get_their_own_replies() {
+        let addr = start_server().await;
+        let transport = GrpcTransport::new();
+        // Every call queues before the link's task first runs (one task polls them all), so
+        // they leave as one batch; the slow ones answer after the fast ones.
+        let calls = (0..500u64).map(|i| {
+            let payload = if i % 50 == 0 { format!("sleep:30:{i}") } else { format!("m{i}") };
+            let t = transport.clone();
+            let addr = addr.clone();
+            async move {
+                let reply = t.call(
+                    addr,
+                    envelope(i),
+                    RpcKind::AppendEntries,
+                    payload.clone().into_bytes(),
+                    Duration::from_secs(5),
+                );
+                (payload, reply.await)
+            }
+        });
+        for (payload, reply) in futures::future::join_all(calls).await {
+            let expected: Vec<u8> = payload.bytes().rev().collect();
+            assert_eq!(reply, Ok(expected), "reply to {payload}");
+        }
+        let stats = transport.stats();
+        assert_eq!(stats.frames_sent, 500);
+        assert_eq!(stats.batches_sent, 1, "{stats:?}");
+        assert_eq!(stats.links_opened, 1);
+    }
+
+    #[tokio::test]
+    async fn refusal_timeout_and_unreachable_are_told_apart() {
+        let addr = start_server().await;
+        let transport = GrpcTransport::new();
+        let refused =
+            transport.call(addr.clone(), envelope(7), RpcKind::Vote, b"refuse".to_vec(), Duration::from_secs(5));
+        assert_eq!(refused.await, Err(TransportError::Refused("refused group 7".into())));
+        let slow = transport.call(
+            addr.clone(),
+            envelope(1),
+            RpcKind::Forward,
+            b"sleep:500".to_vec(),
+            Duration::from_millis(50),
+        );
+        assert_eq!(slow.await, Err(TransportError::Timeout(Duration::from_millis(50))));
+        // The link survives a caller that gave up.
+        let ok = transport.call(addr.clone(), envelope(1), RpcKind::Forward, b"ab".to_vec(), Duration::from_secs(5));
+        assert_eq!(ok.await, Ok(b"ba".to_vec()));
+        assert_eq!(transport.stats().links_opened, 1);
+
+        // Nothing listens on a port just released: never delivered, so `Unreachable`.
+        let free = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let dead = free.local_addr().expect("addr").to_string();
+        drop(free);
+        let lost = transport.call(dead, envelope(1), RpcKind::AppendEntries, b"x".to_vec(), Duration::from_secs(5));
+        assert!(matches!(lost.await, Err(TransportError::Unreachable(_))));
     }
 }

@@ -8,6 +8,7 @@
 //! refuses one meant for another node or cluster (a misrouted raft message can lose data).
 
 pub mod grpc;
+pub mod mux;
 
 use crate::raft::types::{GroupId, NodeId};
 use futures::future::BoxFuture;
@@ -68,6 +69,22 @@ pub trait Transport: Send + Sync + 'static {
         data: Vec<u8>,
         timeout: Duration,
     ) -> BoxFuture<'static, Result<Vec<u8>, TransportError>>;
+
+    /// Counters of what this transport has sent.
+    fn stats(&self) -> TransportStats {
+        TransportStats::default()
+    }
+}
+
+/// What a transport has sent so far (zero where it does not batch).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TransportStats {
+    /// Batches written to peers (one stream message each).
+    pub batches_sent: u64,
+    /// Messages in them.
+    pub frames_sent: u64,
+    /// Peer links opened (after start, a broken connection or a failed open).
+    pub links_opened: u64,
 }
 
 /// Incoming side: what a node does with peers' messages. Errors are refusals of the envelope.
