@@ -173,6 +173,14 @@ impl Metrics {
         let _ = writeln!(out, "# HELP floe_group_wakes_total Dormant group replicas started again (hibernation wake-ups and first use after a restart).");
         let _ = writeln!(out, "# TYPE floe_group_wakes_total counter");
         let _ = writeln!(out, "floe_group_wakes_total {}", host.wakes());
+        let (starts, start_secs) = host.start_times();
+        let _ = writeln!(
+            out,
+            "# HELP floe_group_start_seconds Time to start a group replica (open its state, start its raft core)."
+        );
+        let _ = writeln!(out, "# TYPE floe_group_start_seconds summary");
+        let _ = writeln!(out, "floe_group_start_seconds_sum {start_secs}");
+        let _ = writeln!(out, "floe_group_start_seconds_count {starts}");
         let stats = host.writer_stats();
         let _ = writeln!(out, "# HELP floe_log_syncs_total Synced log writes (fsyncs) and the batches they carried.");
         let _ = writeln!(out, "# TYPE floe_log_syncs_total counter");

@@ -122,6 +122,9 @@ pub enum ForwardRequest {
     Elect,
     /// To the group leader: its current membership (voters and learners).
     Members,
+    /// To a replica: start yours if it is hibernating (another replica is waking for a
+    /// request). Never creates a replica.
+    Wake,
 }
 
 /// A change of a group's voters, run on its leader.
@@ -260,6 +263,9 @@ pub struct RaftHost {
     pub(super) messages_received: AtomicU64,
     /// Dormant replicas started again.
     wakes: AtomicU64,
+    /// Replica starts and the wall time they took (µs), for `floe_group_start_seconds`.
+    starts: AtomicU64,
+    start_micros: AtomicU64,
     /// The latest load report of every node (kept on every node; used on the meta leader).
     load_reports: Mutex<BTreeMap<NodeId, LoadReport>>,
 }
@@ -293,6 +299,8 @@ pub(super) async fn run_detached(
 
 /// How often a request polls a replica that just woke for its leader.
 const LEADER_POLL: Duration = Duration::from_millis(1);
+/// Redirects to a named leader that `on_leader` follows at once before it backs off.
+const REDIRECTS_WITHOUT_BACKOFF: u32 = 2;
 
 /// `Unavailable` (retry-safe: nothing was proposed) while a leader transfer holds `h`.
 fn transfer_running(h: &GroupHandle) -> Option<ForwardResponse> {
@@ -347,6 +355,8 @@ impl RaftHost {
             load_reports: Mutex::new(BTreeMap::new()),
             messages_received: AtomicU64::new(0),
             wakes: AtomicU64::new(0),
+            starts: AtomicU64::new(0),
+            start_micros: AtomicU64::new(0),
         });
         super::runtime::spawn(handle_events(Arc::downgrade(&host), events));
         let resuming = host.clone();
@@ -379,6 +389,11 @@ impl RaftHost {
     }
 
     /// Dormant replicas started again so far.
+    /// Replica starts so far and their total duration in seconds.
+    pub fn start_times(&self) -> (u64, f64) {
+        (self.starts.load(Ordering::Relaxed), self.start_micros.load(Ordering::Relaxed) as f64 / 1e6)
+    }
+
     pub fn wakes(&self) -> u64 {
         self.wakes.load(Ordering::Relaxed)
     }
@@ -494,11 +509,34 @@ impl RaftHost {
     pub async fn wake(self: &Arc<Self>, group: GroupId) -> Result<Arc<GroupHandle>, GroupError> {
         let h = match self.group(group) {
             Some(h) => h,
-            None if self.is_dormant(group) || self.is_born(group) => self.start_boxed(group).await?,
+            None if self.is_dormant(group) => {
+                self.wake_peers(group);
+                self.start_boxed(group).await?
+            }
+            None if self.is_born(group) => self.start_boxed(group).await?,
             None => return Err(GroupError::UnknownGroup(group)),
         };
         h.last_request_ms.store(self.now_ms(), Ordering::Release);
         Ok(h)
+    }
+
+    /// Asks the other replicas of a hibernating `group` to start theirs while this one
+    /// starts: the woken leader's first heartbeat then finds them running, and a wake costs
+    /// one replica start instead of two in a row (leader, then followers on its heartbeat).
+    /// Best effort: a replica not reached starts on that heartbeat anyway.
+    fn wake_peers(self: &Arc<Self>, group: GroupId) {
+        let Ok(map) = self.catalog.shard_map() else { return };
+        let Some(desc) = map.shards.get(&group) else { return };
+        let Ok(nodes) = self.catalog.nodes() else { return };
+        for peer in nodes.into_iter().filter(|n| n.id != self.config.node_id && desc.replicas.contains(&n.id)) {
+            let host = self.clone();
+            let timeout = self.config.tuning.request_timeout;
+            super::runtime::spawn(async move {
+                if let Err(e) = host.ask_node(group, peer.id, &peer.grpc_addr, &ForwardRequest::Wake, timeout).await {
+                    tracing::debug!(group, peer = peer.id, error = %e, "could not ask a replica to wake");
+                }
+            });
+        }
     }
 
     /// Like `wake`, for raft traffic (not a request: hibernation does not count it).
@@ -577,6 +615,7 @@ impl RaftHost {
             return Ok(h);
         }
         let fatal = |reason: String| GroupError::Fatal { group, reason };
+        let began = std::time::Instant::now();
         let ctx = SmContext { local: self.local.clone(), catalog: self.catalog_cache.clone() };
         let sm = GroupStateMachine::open(group, self.engine.clone(), ctx).map_err(|e| fatal(e.to_string()))?;
         let applied = sm.applied_progress();
@@ -614,6 +653,8 @@ impl RaftHost {
             born.remove(&group);
         }
         self.local.mark_open(group);
+        self.starts.fetch_add(1, Ordering::Relaxed);
+        self.start_micros.fetch_add(began.elapsed().as_micros() as u64, Ordering::Relaxed);
         Ok(handle)
     }
 
@@ -977,6 +1018,14 @@ impl RaftHost {
             let target = match hint.take().or_else(|| local.as_ref().and_then(|h| h.leader())) {
                 Some(known) => Some(known),
                 None if local.is_none() => self.catalog_replica(group, attempt),
+                // A replica that just woke does not show its leader in its metrics until its
+                // core ran: ask it directly. A leader answers (openraft restores a leader on
+                // its committed vote at start); a follower answers "not leader" naming the
+                // leader of its vote. Only for a read index: a proposal answered "not
+                // leader" may still have been appended (the ambiguity rule below).
+                None if attempt == 1 && matches!(req, ForwardRequest::ReadIndex) => {
+                    Some((self.config.node_id, String::new()))
+                }
                 None => {
                     // A replica that just woke learns its leader (its committed vote, or the
                     // leader's first message) within milliseconds: poll for that instead of
@@ -999,6 +1048,7 @@ impl RaftHost {
             };
             // Whether this attempt reached a raft core that may have appended a proposal.
             let mut reached = true;
+            let tried = target.as_ref().map(|(id, _)| *id);
             let resp = match target {
                 Some((id, _)) if id == self.config.node_id => match &req {
                     ForwardRequest::Propose(cmd) => self.propose_local(group, cmd.clone()).await,
@@ -1009,6 +1059,7 @@ impl RaftHost {
                     ForwardRequest::Hibernate { .. }
                     | ForwardRequest::OpenReplica
                     | ForwardRequest::Elect
+                    | ForwardRequest::Wake
                     | ForwardRequest::ReportLoad { .. } => {
                         ForwardResponse::Failed(GroupError::Fatal { group, reason: "not a leader request".into() })
                     }
@@ -1080,6 +1131,13 @@ impl RaftHost {
                     }
                     other => Ok(other),
                 };
+            }
+            // A redirect to another node goes there at once (a woken follower names its
+            // leader); a few times only, so two nodes naming each other still back off.
+            let redirected =
+                matches!(&resp, ForwardResponse::NotLeader { leader: Some((id, _)) } if Some(*id) != tried);
+            if redirected && attempt <= REDIRECTS_WITHOUT_BACKOFF {
+                continue;
             }
             let backoff = Duration::from_millis((20u64 << attempt.min(5)).min(500));
             if tokio::time::Instant::now() + backoff >= deadline {

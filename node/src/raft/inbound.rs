@@ -138,6 +138,10 @@ impl Inbound for Arc<RaftHost> {
                         }
                         ForwardRequest::TransferLeader { to } => host.transfer_leader_detached(group, to).await,
                         ForwardRequest::Elect => host.elect_local(group).await,
+                        ForwardRequest::Wake => match host.wake_for_raft(group).await {
+                            Ok(_) => ForwardResponse::Done,
+                            Err(e) => ForwardResponse::Failed(e),
+                        },
                         ForwardRequest::Members => host.members_local(group).await,
                     };
                     encode(&resp)

