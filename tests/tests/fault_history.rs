@@ -3,7 +3,10 @@
 //! processes on loopback; `CLIENTS` concurrent clients, one operation at a time each, on
 //! `KEYS` documents; a nemesis that kills a node with SIGKILL and restarts it from its data
 //! dir, or freezes it with SIGSTOP and continues it. One node at a time: a majority is always
-//! up, so the cluster must keep serving, and the liveness floors below are fair. After the
+//! up, so the cluster must keep serving, and the liveness floors below are fair. At the same
+//! time an elastic nemesis splits the collection's shard at document boundaries, merges
+//! adjacent shards and hands shard leadership between nodes (the operations the placement
+//! driver runs by itself), so those too happen under kills and pauses. After the
 //! load the cluster is healed and every key is read strongly; those final reads join the
 //! history, so a lost acknowledged write makes the history non-linearizable.
 //!
@@ -90,6 +93,10 @@ const VALUE_STRIDE: i64 = 1_000_000;
 /// Non-vacuity floors: operations that completed `ok` (reads included), and writes plus cas.
 const OPS_OK_MIN: usize = 100;
 const UPDATES_OK_MIN: usize = 50;
+/// Pause between two elastic operations.
+const ELASTIC_GAP_MS: RangeInclusive<u64> = 300..=1_200;
+/// Bound on one split, merge or leader transfer (a merge waits for both parts to freeze).
+const ELASTIC_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many problems of one kind a failure message lists.
 const PROBLEMS_SHOWN_MAX: usize = 20;
 
@@ -201,6 +208,12 @@ async fn exercise(cluster: &mut Cluster, seed: u64, load: Duration) -> anyhow::R
             counts.updates_ok()
         ));
     }
+    if faults.splits == 0 || faults.merges == 0 {
+        problems.push(format!(
+            "the elastic nemesis did not both split and merge ({} splits, {} merges): load too short?",
+            faults.splits, faults.merges
+        ));
+    }
     if faults.kills == 0 || faults.pauses == 0 {
         problems.push(format!(
             "the nemesis did not inject both kinds of fault ({} kills, {} pauses): load too short?",
@@ -211,11 +224,15 @@ async fn exercise(cluster: &mut Cluster, seed: u64, load: Duration) -> anyhow::R
     let mut summary = String::new();
     writeln!(
         summary,
-        "fault_history: seed {seed}, {:.1} s of load, {} events, {} kills and {} pauses",
+        "fault_history: seed {seed}, {:.1} s of load, {} events, {} kills and {} pauses, {} splits, {} merges \
+         and {} leader transfers",
         load_elapsed.as_secs_f64(),
         events.len(),
         faults.kills,
-        faults.pauses
+        faults.pauses,
+        faults.splits,
+        faults.merges,
+        faults.transfers
     )?;
     writeln!(summary, "{counts}")?;
     writeln!(
@@ -257,10 +274,25 @@ async fn load_and_heal(
     }
 
     let load_start = Instant::now();
+    let elastic = tokio::spawn(elastic_nemesis(
+        endpoints.clone(),
+        seed.wrapping_sub(1),
+        Arc::clone(recorder),
+        Arc::clone(&stop),
+        load_start,
+    ));
     let mut rng = StdRng::seed_from_u64(seed);
     let nemesis_result = nemesis(cluster, recorder, load_start, load, &mut rng, faults).await;
     stop.store(true, Ordering::SeqCst);
     faults.note(recorder, load_start, "load over: clients told to stop".to_owned());
+    let elastic = tokio::time::timeout(ELASTIC_REQUEST_TIMEOUT + CLIENT_JOIN_TIMEOUT, elastic)
+        .await
+        .map_err(|_| anyhow!("the elastic nemesis did not finish after stop"))?
+        .context("elastic nemesis panicked")??;
+    faults.splits = elastic.splits;
+    faults.merges = elastic.merges;
+    faults.transfers = elastic.transfers;
+    faults.lines.extend(elastic.lines);
     for client in clients {
         let joined = tokio::time::timeout(CLIENT_JOIN_TIMEOUT, client)
             .await
@@ -487,6 +519,9 @@ enum FaultKind {
 struct FaultLog {
     kills: usize,
     pauses: usize,
+    splits: usize,
+    merges: usize,
+    transfers: usize,
     lines: Vec<String>,
 }
 
@@ -560,6 +595,67 @@ async fn nemesis(
         faults.note(recorder, load_start, format!("node{node_id} ready"));
         round += 1;
     }
+}
+
+/// Until `stop`: every `ELASTIC_GAP_MS`, through any node, split the collection's shard at a
+/// document boundary, merge two adjacent shards, or hand a random shard's leadership to a
+/// random node. Splits while there is one shard, merges from four; otherwise either. Refusals
+/// (a merge racing a kill, a split at an existing boundary) are logged, not errors: the
+/// verdict rests on the history.
+async fn elastic_nemesis(
+    endpoints: Vec<String>,
+    seed: u64,
+    recorder: Arc<Recorder>,
+    stop: Arc<AtomicBool>,
+    load_start: Instant,
+) -> anyhow::Result<FaultLog> {
+    let admin = Client::builder()
+        .endpoints(endpoints)
+        .connect_timeout(CLIENT_CONNECT_TIMEOUT)
+        .request_timeout(ELASTIC_REQUEST_TIMEOUT)
+        .retry_policy(RetryPolicy::none())
+        .build()?;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut log = FaultLog::default();
+    while !stop.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(ELASTIC_GAP_MS))).await;
+        let Ok(status) = admin.cluster_status().await else { continue };
+        let mut shards = status.shards;
+        shards.sort_by(|a, b| a.start_hex.cmp(&b.start_hex));
+        let text = if !shards.is_empty() && rng.gen_bool(0.25) {
+            let shard = shards[rng.gen_range(0..shards.len())].id;
+            let to = rng.gen_range(1..=NODES as u64);
+            match admin.transfer_leader(shard, to).await {
+                Ok(leader) => {
+                    log.transfers += 1;
+                    format!("transfer shard {shard} leadership to node{to}: leader node{leader}")
+                }
+                Err(e) => format!("transfer shard {shard} leadership to node{to}: {e}"),
+            }
+        } else if shards.len() <= 1 || (shards.len() < 4 && rng.gen_bool(0.5)) {
+            let at = key_name(rng.gen_range(1..KEYS));
+            match admin.split_at(COLLECTION, &[at.as_str()]).await {
+                Ok(parts) => {
+                    log.splits += 1;
+                    format!("split at {at}: shards {:?}", parts.iter().map(|p| p.id).collect::<Vec<_>>())
+                }
+                Err(e) => format!("split at {at}: {e}"),
+            }
+        } else {
+            let pairs: Vec<(u64, u64)> =
+                shards.windows(2).filter(|w| w[0].end_hex == w[1].start_hex).map(|w| (w[0].id, w[1].id)).collect();
+            let Some(&(left, right)) = pairs.get(rng.gen_range(0..pairs.len().max(1))) else { continue };
+            match admin.merge_shards(left, right).await {
+                Ok(merged) => {
+                    log.merges += 1;
+                    format!("merge {left}+{right}: into {:?}", merged.map(|m| m.id))
+                }
+                Err(e) => format!("merge {left}+{right}: {e}"),
+            }
+        };
+        log.note(&recorder, load_start, format!("elastic: {text}"));
+    }
+    Ok(log)
 }
 
 /// The node leading the most shards per `ClusterStatus` (the data shard in this cluster),
