@@ -1229,11 +1229,52 @@ async fn check_convergence(
             return;
         }
         if tokio::time::Instant::now() > deadline {
-            violations.push(format!("replicas did not converge within {HEAL_TIMEOUT:?}: {views:?}"));
+            let replicas = replica_details(cluster, ids).await;
+            violations.push(format!(
+                "replicas did not converge within {HEAL_TIMEOUT:?}: {views:?}\n  raft replicas:\n{replicas}"
+            ));
             return;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Every node's view of every group its catalog lists (and the meta group): hosted, dormant,
+/// and the running replica's raft state, leader, applied index, snapshot and (on a leader)
+/// each follower's matching index. For diagnosing a run that did not converge.
+async fn replica_details(cluster: &tokio::sync::Mutex<SimCluster>, ids: &[u64]) -> String {
+    let c = cluster.lock().await;
+    let mut out = String::new();
+    for id in ids {
+        let Some(host) = c.nodes.get(id).and_then(|n| n.running.as_ref()).map(|r| &r.host) else {
+            out.push_str(&format!("    n{id}: not running\n"));
+            continue;
+        };
+        let mut groups: Vec<u64> =
+            host.catalog.shard_map().map(|m| m.shards.keys().copied().collect()).unwrap_or_default();
+        groups.insert(0, floe_node::keys::META_GROUP);
+        for g in groups {
+            let raft = host.group(g).map(|h| {
+                let m = h.raft.metrics().borrow().clone();
+                let matching: Option<Vec<(u64, Option<u64>)>> =
+                    m.replication.map(|r| r.iter().map(|(n, l)| (*n, l.map(|l| l.index))).collect());
+                format!(
+                    "{:?} leader={:?} applied={:?} snapshot={:?} matching={matching:?}",
+                    m.state,
+                    m.current_leader,
+                    m.last_applied.map(|l| l.index),
+                    m.snapshot.map(|l| l.index)
+                )
+            });
+            out.push_str(&format!(
+                "    n{id} g{g}: hosts={} dormant={} raft={}\n",
+                host.hosts(g),
+                host.is_dormant(g),
+                raft.unwrap_or_else(|| "not running".into())
+            ));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

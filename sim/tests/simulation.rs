@@ -108,6 +108,19 @@ fn regression_session_token_covers_what_was_read() {
     assert!(r.violations.is_empty(), "{:?}", r.violations);
 }
 
+/// Regression (seed 5243, 1,000 ops, elastic+crash+partition+net): after a merge, a node
+/// that had lost its parts got an empty replica of the merged shard, and the snapshot sent
+/// to it was lost to a crash; openraft sends a follower nothing else while a snapshot is in
+/// flight, and the transfer's fixed 120 s bound outlasted the heal, so the node never got
+/// its replica. Snapshot transfers are now bounded by their size (10 s plus 1 s per 4 MiB).
+#[test]
+fn regression_lost_snapshot_is_retried() {
+    use floe_sim::run::FaultKind;
+    let faults = vec![FaultKind::Elastic, FaultKind::Crash, FaultKind::Partition, FaultKind::Net];
+    let r = run_seed(&RunConfig { seed: 5243, ops: 1000, faults, ..RunConfig::default() }).expect("run");
+    assert!(r.violations.is_empty(), "{:?}", r.violations);
+}
+
 #[cfg(feature = "planted-bugs")]
 mod planted {
     use super::*;

