@@ -525,15 +525,12 @@ impl RaftHost {
     /// one replica start instead of two in a row (leader, then followers on its heartbeat).
     /// Best effort: a replica not reached starts on that heartbeat anyway.
     fn wake_peers(self: &Arc<Self>, group: GroupId) {
-        let Ok(map) = self.catalog.shard_map() else { return };
-        let Some(desc) = map.shards.get(&group) else { return };
-        let Ok(nodes) = self.catalog.nodes() else { return };
-        for peer in nodes.into_iter().filter(|n| n.id != self.config.node_id && desc.replicas.contains(&n.id)) {
+        for (peer, addr) in self.other_replicas(group) {
             let host = self.clone();
             let timeout = self.config.tuning.request_timeout;
             super::runtime::spawn(async move {
-                if let Err(e) = host.ask_node(group, peer.id, &peer.grpc_addr, &ForwardRequest::Wake, timeout).await {
-                    tracing::debug!(group, peer = peer.id, error = %e, "could not ask a replica to wake");
+                if let Err(e) = host.ask_node(group, peer, &addr, &ForwardRequest::Wake, timeout).await {
+                    tracing::debug!(group, peer, error = %e, "could not ask a replica to wake");
                 }
             });
         }
@@ -1154,12 +1151,17 @@ impl RaftHost {
     /// One of the replicas the catalog lists for `group` other than this node (rotating with
     /// `attempt`), with its address.
     fn catalog_replica(&self, group: GroupId, attempt: u32) -> Option<(NodeId, String)> {
-        let map = self.catalog.shard_map().ok()?;
-        let others: Vec<NodeId> =
-            map.shards.get(&group)?.replicas.iter().copied().filter(|r| *r != self.config.node_id).collect();
-        let id = *others.get(attempt.saturating_sub(1) as usize % others.len().max(1))?;
-        let addr = self.catalog.nodes().ok()?.into_iter().find(|n| n.id == id)?.grpc_addr;
-        Some((id, addr))
+        let others = self.other_replicas(group);
+        others.get(attempt.saturating_sub(1) as usize % others.len().max(1)).cloned()
+    }
+
+    /// The replicas the catalog lists for `group` other than this node, with their addresses
+    /// (empty when the catalog cannot be read or does not know the group).
+    fn other_replicas(&self, group: GroupId) -> Vec<(NodeId, String)> {
+        let (Ok(map), Ok(nodes)) = (self.catalog.shard_map(), self.catalog.nodes()) else { return Vec::new() };
+        let Some(desc) = map.shards.get(&group) else { return Vec::new() };
+        let others = desc.replicas.iter().filter(|r| **r != self.config.node_id);
+        others.filter_map(|r| nodes.iter().find(|n| n.id == *r).map(|n| (n.id, n.grpc_addr.clone()))).collect()
     }
 
     /// Proposes `cmd` to `group` and returns the applied index and the state machine's answer.
