@@ -54,7 +54,7 @@ impl GrpcTransport {
 }
 
 /// True when `s` came from failing to connect (the request was certainly not sent).
-fn is_connect_error(s: &Status) -> bool {
+pub(super) fn is_connect_error(s: &Status) -> bool {
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
     while let Some(e) = source {
         if e.downcast_ref::<tonic::ConnectError>().is_some() {

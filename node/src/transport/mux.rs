@@ -13,8 +13,9 @@
 //! Invariants:
 //! - a reply goes only to the caller whose id it carries; ids are never reused on a link;
 //! - when a link breaks, every caller still waiting gets an error at once: `Unreachable` when
-//!   its frame was never written to an open stream (certainly not delivered), `Network` when it
-//!   was (it may have been); the next call opens a new link;
+//!   its frame certainly never left this node (still queued, or the connection could not be
+//!   made), `Network` otherwise (it may have been delivered, or be processed later); the next
+//!   call opens a new link;
 //! - a frame whose caller gave up before it was written is dropped, not sent.
 
 use super::{Envelope, Inbound, RpcKind, TransportError};
@@ -214,16 +215,21 @@ impl Driver {
         let mut client = RaftTransportClient::new(channel)
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
             .max_encoding_message_size(MESSAGE_BYTES_MAX);
-        let mut opened = false;
+        // True only when the connection itself could not be made: then no frame left this node.
+        // Once connected, frames written before the stream's reply headers came (or before an
+        // open timeout, e.g. a paused peer) may still be processed later.
+        let mut never_connected = false;
         let reason = {
             let read = async {
                 let response =
                     match tokio::time::timeout(OPEN_TIMEOUT, client.stream(ReceiverStream::new(batch_rx))).await {
                         Err(_) => return format!("stream to {} not opened within {OPEN_TIMEOUT:?}", self.addr),
-                        Ok(Err(status)) => return format!("stream to {} not opened: {status}", self.addr),
+                        Ok(Err(status)) => {
+                            never_connected = super::grpc::is_connect_error(&status);
+                            return format!("stream to {} not opened: {status}", self.addr);
+                        }
                         Ok(Ok(r)) => r,
                     };
-                opened = true;
                 self.read_replies(response.into_inner()).await
             };
             tokio::select! {
@@ -231,7 +237,7 @@ impl Driver {
                 reason = self.write_batches(&mut rx, batch_tx) => reason,
             }
         };
-        self.close(rx, opened, &reason);
+        self.close(rx, never_connected, &reason);
     }
 
     /// Sends what queued as batches until the stream stops taking them.
@@ -284,7 +290,7 @@ impl Driver {
         }
     }
 
-    fn close(self, mut rx: mpsc::UnboundedReceiver<RaftFrame>, opened: bool, reason: &str) {
+    fn close(self, mut rx: mpsc::UnboundedReceiver<RaftFrame>, never_connected: bool, reason: &str) {
         if let Some(links) = self.links.upgrade() {
             let mut links = lock(&links);
             if links.get(&self.addr).is_some_and(|l| Arc::ptr_eq(l, &self.link)) {
@@ -299,10 +305,10 @@ impl Driver {
             }
         }
         for (_, tx) in pending.drain() {
-            let err = if opened {
-                TransportError::Network(reason.to_string())
-            } else {
+            let err = if never_connected {
                 TransportError::Unreachable(reason.to_string())
+            } else {
+                TransportError::Network(reason.to_string())
             };
             let _ = tx.send(Err(err));
         }
