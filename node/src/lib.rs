@@ -11,6 +11,7 @@ pub mod cli;
 pub mod ctl;
 pub mod docs;
 pub mod keys;
+pub mod liveness;
 pub mod load;
 pub mod metrics;
 pub mod placement;

@@ -78,6 +78,12 @@ impl Metrics {
         *inner.read_paths.entry((consistency, path)).or_default() += 1;
     }
 
+    /// Reads that found their position by `path`, over every consistency level.
+    pub fn read_path_total(&self, path: &str) -> u64 {
+        let Ok(inner) = self.inner.lock() else { return 0 };
+        inner.read_paths.iter().filter(|((_, p), _)| *p == path).map(|(_, n)| *n).sum()
+    }
+
     /// Records one read's latency (handler time, errors included) by consistency level.
     pub fn observe_read_latency(&self, consistency: &'static str, latency: Duration) {
         let Ok(mut inner) = self.inner.lock() else { return };
@@ -173,6 +179,12 @@ impl Metrics {
         let _ = writeln!(out, "# HELP floe_group_wakes_total Dormant group replicas started again (hibernation wake-ups and first use after a restart).");
         let _ = writeln!(out, "# TYPE floe_group_wakes_total counter");
         let _ = writeln!(out, "floe_group_wakes_total {}", host.wakes());
+        let _ = writeln!(
+            out,
+            "# HELP floe_peer_down_wakes_total Dormant group replicas woken because the node that led them went down."
+        );
+        let _ = writeln!(out, "# TYPE floe_peer_down_wakes_total counter");
+        let _ = writeln!(out, "floe_peer_down_wakes_total {}", host.peer_down_wakes());
         let (starts, start_secs) = host.start_times();
         let _ = writeln!(
             out,

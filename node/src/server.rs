@@ -51,6 +51,16 @@ pub struct NodeConfig {
     pub placement: crate::placement::PlacementConfig,
 }
 
+impl NodeConfig {
+    /// The first shard's replicas: the lowest `placement.replicas` ids of the initial
+    /// cluster (every member of a cluster no larger than the replication factor). The meta
+    /// group has every initial member; shards reach the others by moves (balance).
+    pub fn first_shard_replicas(&self) -> BTreeMap<NodeId, String> {
+        let count = self.placement.replicas.max(1);
+        self.initial_cluster.iter().take(count).map(|(id, addr)| (*id, addr.clone())).collect()
+    }
+}
+
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -153,8 +163,9 @@ pub async fn build_core(
     // shard empty (the bootstrapping node initializes it); every other group on disk stays
     // dormant until a request or its leader wakes it.
     let fresh = host.dormant_ids().is_empty();
+    host.forget_leadership_after_restart().await.map_err(|e| StartError::Storage(e.to_string()))?;
     host.start_group(keys::META_GROUP).await.map_err(|e| StartError::Raft(e.to_string()))?;
-    if fresh && config.join.is_none() {
+    if fresh && config.join.is_none() && config.first_shard_replicas().contains_key(&config.node_id) {
         host.start_group(keys::FIRST_SHARD).await.map_err(|e| StartError::Raft(e.to_string()))?;
     }
     let api = Arc::new(NodeApi::new(
@@ -164,6 +175,7 @@ pub async fn build_core(
         host.clone(),
         Arc::new(Metrics::new()),
     ));
+    api.serve_api_calls();
     crate::api::elastic::spawn_loops(&api);
     Ok((host, api))
 }
@@ -174,13 +186,19 @@ pub async fn bootstrap(config: &NodeConfig, host: &Arc<RaftHost>) -> Result<(), 
     if Some(config.node_id) != config.initial_cluster.keys().next().copied() {
         return Ok(());
     }
-    let members: BTreeMap<NodeId, BasicNode> =
-        config.initial_cluster.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
+    let as_members = |nodes: &BTreeMap<NodeId, String>| -> BTreeMap<NodeId, BasicNode> {
+        nodes.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect()
+    };
+    let groups = [
+        (keys::META_GROUP, as_members(&config.initial_cluster)),
+        (keys::FIRST_SHARD, as_members(&config.first_shard_replicas())),
+    ];
     // The first shard may be gone since (merged away): only groups hosted here.
-    for g in [keys::META_GROUP, keys::FIRST_SHARD].into_iter().filter(|g| host.hosts(*g)) {
-        let fresh = host.initialize(g, members.clone()).await.map_err(|e| StartError::Raft(e.to_string()))?;
+    for (g, members) in groups.into_iter().filter(|(g, _)| host.hosts(*g)) {
+        let ids: Vec<NodeId> = members.keys().copied().collect();
+        let fresh = host.initialize(g, members).await.map_err(|e| StartError::Raft(e.to_string()))?;
         if fresh {
-            tracing::info!(group = g, members = ?config.initial_cluster, "initialized raft group");
+            tracing::info!(group = g, members = ?ids, "initialized raft group");
         }
     }
     Ok(())
@@ -303,7 +321,7 @@ pub async fn register(config: NodeConfig, http: String, host: Arc<RaftHost>, sto
             start,
             end,
             epoch: 1,
-            replicas: config.initial_cluster.keys().copied().collect(),
+            replicas: config.first_shard_replicas().keys().copied().collect(),
             replicas_at: 0,
             merged: Vec::new(),
         };

@@ -121,7 +121,8 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 4)]
     pub keys: u64,
     /// Fault classes: `all`, `none`, or a comma list of crash, partition, cut, net, disk, pause,
-    /// elastic (splits, merges, leader transfers, hibernation).
+    /// elastic (splits, merges, leader transfers, replica moves when there are more nodes
+    /// than replicas per shard, hibernation).
     #[arg(long, default_value = "all")]
     pub faults: String,
     /// Plant a known bug (needs the `planted-bugs` feature): stale-strong-read,
@@ -171,7 +172,7 @@ pub fn run_seeds(args: &RunArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
         fault_total += report.faults;
         writeln!(
             out,
-            "seed {seed}: trace-hash: {:016x} events {} ops ok/fail/unknown {}/{}/{} eventual/bounded reads {}/{} bank transfers/reads {}/{} splits/merges/transfers {}/{}/{} hibernations {} faults {} sim {:.1}s wall {:.2}s verdict {:?}",
+            "seed {seed}: trace-hash: {:016x} events {} ops ok/fail/unknown {}/{}/{} eventual/bounded reads {}/{} bank transfers/reads {}/{} splits/merges/transfers/moves {}/{}/{}/{} reads via replica {} hibernations {} faults {} sim {:.1}s wall {:.2}s verdict {:?}",
             report.trace_hash,
             report.trace_events,
             report.ops_ok,
@@ -184,6 +185,8 @@ pub fn run_seeds(args: &RunArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
             report.splits,
             report.merges,
             report.transfers,
+            report.moves,
+            report.reads_via_replica,
             report.hibernations,
             report.faults,
             report.sim_time.as_secs_f64(),

@@ -52,6 +52,8 @@ pub struct SimNode {
     pub disk_latency_us: Arc<std::sync::atomic::AtomicU64>,
     pub running: Option<Incarnation>,
     config: NodeConfig,
+    /// Reads this node's earlier incarnations sent to another node's replica.
+    reads_via_replica: u64,
 }
 
 /// The simulated cluster.
@@ -93,6 +95,7 @@ impl SimCluster {
                         disk_latency_us: Arc::default(),
                         running: None,
                         config: node_config(id, count, hibernate_after),
+                        reads_via_replica: 0,
                     },
                 )
             })
@@ -121,7 +124,7 @@ impl SimCluster {
             node.disk_latency_us = latency;
         }
         let transport = Arc::new(SimTransport { net: net.clone() });
-        let tasks = TaskOwner::new();
+        let tasks = TaskOwner::for_node(id);
         let (host, api) = tasks
             .scope(server::build_core(&node.config, engine, writer, transport))
             .await
@@ -143,6 +146,7 @@ impl SimCluster {
         self.net.detach(id);
         let Some(node) = self.nodes.get_mut(&id) else { return };
         if let Some(inc) = node.running.take() {
+            node.reads_via_replica += inc.api.metrics.read_path_total("replica");
             // A hard kill: no task of the incarnation runs another step, nothing is flushed.
             inc.dead.raise();
             let _ = inc.stop.send(true);
@@ -171,6 +175,13 @@ impl SimCluster {
             dead: i.dead.clone(),
             tasks: i.tasks.clone(),
         })
+    }
+
+    /// Reads any node served through another node's replica (it had none), over every
+    /// incarnation so far.
+    pub fn reads_via_replica(&self) -> u64 {
+        let running = |n: &SimNode| n.running.as_ref().map_or(0, |i| i.api.metrics.read_path_total("replica"));
+        self.nodes.values().map(|n| n.reads_via_replica + running(n)).sum()
     }
 
     pub fn is_up(&self, id: u64) -> bool {

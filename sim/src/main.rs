@@ -11,6 +11,16 @@ use floe_sim::cli::{self, Cli, Command, EXIT_INVALID_INPUT};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `FLOE_SIM_LOG=info` (any tracing filter) prints the nodes' own log lines, each inside
+    // its node's span; simulated runs have no wall-clock timestamps to show.
+    if let Ok(filter) = std::env::var("FLOE_SIM_LOG") {
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+            .without_time()
+            .with_ansi(false)
+            .with_writer(std::io::stderr)
+            .init();
+    }
     match run(&cli) {
         Ok(code) => code,
         Err(error) => {

@@ -21,6 +21,7 @@ use floe_node::storage::{Cf, KvEngine};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -54,9 +55,10 @@ pub enum FaultKind {
     /// Stop polling every task of a node (SIGSTOP), then let it run on with a stale view.
     Pause,
     /// The cluster's own actions: shard splits at random documents (through any node), merges
-    /// of adjacent shards, leader transfers to a random replica, and hibernation of idle
-    /// shards (a short `hibernate_after` for the run) with their wake-ups. (Replica moves are
-    /// not in the schedule yet: the convergence check expects every node to host every shard.)
+    /// of adjacent shards, leader transfers to a random replica, replica moves to a node
+    /// without one (clusters larger than the replication factor; the placement driver's own
+    /// balancing moves join them), and hibernation of idle shards (a short `hibernate_after`
+    /// for the run) with their wake-ups.
     Elastic,
 }
 
@@ -152,6 +154,10 @@ pub struct RunReport {
     pub splits: u64,
     pub merges: u64,
     pub transfers: u64,
+    /// Replica moves the fault loop asked for that completed.
+    pub moves: u64,
+    /// Reads served through another node's replica (the node asked had none).
+    pub reads_via_replica: u64,
     pub hibernations: u64,
 }
 
@@ -334,6 +340,7 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
         }
     }
     let verdict = if violations.is_empty() { check.verdict() } else { Verdict::NotLinearizable };
+    let reads_via_replica = cluster.lock().await.reads_via_replica();
     {
         let mut c = cluster.lock().await;
         for id in ids {
@@ -362,6 +369,8 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
         splits: elastic.splits.load(std::sync::atomic::Ordering::Relaxed),
         merges: elastic.merges.load(std::sync::atomic::Ordering::Relaxed),
         transfers: elastic.transfers.load(std::sync::atomic::Ordering::Relaxed),
+        moves: elastic.moves.load(std::sync::atomic::Ordering::Relaxed),
+        reads_via_replica,
         hibernations: hibernations.load(std::sync::atomic::Ordering::Relaxed),
     })
 }
@@ -911,6 +920,7 @@ struct ElasticCounts {
     splits: std::sync::atomic::AtomicU64,
     merges: std::sync::atomic::AtomicU64,
     transfers: std::sync::atomic::AtomicU64,
+    moves: std::sync::atomic::AtomicU64,
 }
 
 /// Injects one fault at a time until the workload is done; returns how many it injected.
@@ -990,16 +1000,21 @@ async fn fault_loop(
                 tokio::time::sleep(length).await;
                 net.set_profile(NetProfile::calm());
             }
+            // Only in clusters with nodes to spare (no draw otherwise, so 3-node seeds replay
+            // as before).
+            FaultKind::Elastic if ids.len() > REPLICAS && rng.gen_bool(0.3) => {
+                let outcome = match endpoint_of(&cluster, victim).await {
+                    Some(ep) => move_random_replica(&ep, &ids, &mut rng, &elastic).await,
+                    None => "node down".to_string(),
+                };
+                trace.mark("faults", &format!("move via n{victim}: {outcome}"), None);
+                tokio::time::sleep(length / 4).await;
+            }
             FaultKind::Elastic if rng.gen_bool(0.25) => {
                 // Hand a random shard's leadership to a random replica of it.
                 let outcome = match endpoint_of(&cluster, victim).await {
                     Some(ep) => {
-                        let shards: Vec<(u64, Vec<u64>)> = ep
-                            .api
-                            .catalog()
-                            .shard_map()
-                            .map(|m| m.shards.values().map(|d| (d.id, d.replicas.clone())).collect())
-                            .unwrap_or_default();
+                        let shards = shard_replicas(&ep);
                         match shards.get(rng.gen_range(0..shards.len().max(1))).cloned() {
                             Some((shard, replicas)) if !replicas.is_empty() => {
                                 let to = replicas[rng.gen_range(0..replicas.len())];
@@ -1125,6 +1140,38 @@ async fn fault_loop(
     count
 }
 
+/// Every shard and its replicas, as `ep`'s catalog copy lists them.
+fn shard_replicas(ep: &Endpoint) -> Vec<(u64, Vec<u64>)> {
+    let map = ep.api.catalog().shard_map();
+    map.map(|m| m.shards.values().map(|d| (d.id, d.replicas.clone())).collect()).unwrap_or_default()
+}
+
+/// Replicas per shard in the simulated cluster (the placement default).
+const REPLICAS: usize = 3;
+
+/// Moves a random shard's replica (as `ep`'s catalog lists it) from one of its nodes to a
+/// node without one, through `ep`; what happened, for the timeline.
+async fn move_random_replica(ep: &Endpoint, ids: &[u64], rng: &mut ChaCha8Rng, elastic: &ElasticCounts) -> String {
+    let shards = shard_replicas(ep);
+    let Some((shard, replicas)) = shards.get(rng.gen_range(0..shards.len().max(1))).cloned() else {
+        return "no shard".to_string();
+    };
+    let spare: Vec<u64> = ids.iter().copied().filter(|id| !replicas.contains(id)).collect();
+    if replicas.is_empty() || spare.is_empty() {
+        return format!("shard {shard}: no node to move to (replicas {replicas:?})");
+    }
+    let from = replicas[rng.gen_range(0..replicas.len())];
+    let to = spare[rng.gen_range(0..spare.len())];
+    match call(ep, move |api| async move { api.move_replica(shard, from, to).await }).await {
+        Some(Ok(voters)) => {
+            elastic.moves.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            format!("shard {shard} n{from} -> n{to}: voters {voters:?}")
+        }
+        Some(Err(e)) => format!("shard {shard} n{from} -> n{to}: refused: {e}"),
+        None => format!("shard {shard} n{from} -> n{to}: no answer"),
+    }
+}
+
 /// After heal: a strong read of every key must succeed (recorded in the history).
 async fn final_reads(
     config: &RunConfig,
@@ -1150,41 +1197,93 @@ async fn final_reads(
 /// One local replica after heal: `(group, applied index, epoch, start, end)`.
 type ReplicaView = (u64, u64, u64, Vec<u8>, Vec<u8>);
 
+/// One catalog entry: `(group, epoch, start, end, replicas)`.
+type CatalogShard = (u64, u64, Vec<u8>, Vec<u8>, Vec<u64>);
+
 /// One node's state after heal, for the convergence check.
 #[derive(Debug, PartialEq, Eq)]
 struct NodeView {
     /// Every local replica: `(group, applied index, epoch, start, end)`.
     replicas: Vec<ReplicaView>,
-    /// The node's catalog copy: `(group, epoch, start, end)`.
-    catalog: Vec<(u64, u64, Vec<u8>, Vec<u8>)>,
+    /// The node's catalog copy.
+    catalog: Vec<CatalogShard>,
     /// Merges the node's catalog still has a record of (none once every merge finished).
     merges: usize,
     /// Local replicas frozen or retired for a merge (none once every merge finished).
     merging: usize,
-    /// Digest of every document on the node.
-    documents: u64,
+    /// Digest of the documents in each local shard replica's range, by group.
+    documents: BTreeMap<u64, u64>,
+    /// Documents outside every local shard replica's range (left behind by a move or merge).
+    stray: usize,
 }
 
 impl NodeView {
-    /// True when the catalog lists each shard replica's epoch and range as applied, and no
-    /// merge is left unfinished.
-    fn catalog_agrees(&self) -> bool {
-        if self.merges > 0 || self.merging > 0 {
-            return false;
-        }
-        let shards: Vec<(u64, u64, Vec<u8>, Vec<u8>)> = self
-            .replicas
-            .iter()
-            .filter(|r| r.0 != floe_node::keys::META_GROUP)
-            .map(|(g, _, epoch, start, end)| (*g, *epoch, start.clone(), end.clone()))
+    /// Reads node `host`'s view from its replicas, catalog copy and engine.
+    fn of(host: &floe_node::raft::host::RaftHost, engine: &floe_node::storage::mem::MemEngine) -> Option<Self> {
+        let local = host.local.all();
+        let replicas: Vec<ReplicaView> =
+            local.iter().map(|s| (s.id, host.applied_index(s.id), s.epoch, s.start.clone(), s.end.clone())).collect();
+        let catalog = host
+            .catalog
+            .shard_map()
+            .ok()?
+            .shards
+            .values()
+            .map(|s| (s.id, s.epoch, s.start.clone(), s.end.clone(), s.replicas.clone()))
             .collect();
-        shards == self.catalog
+        let merges = host.catalog.merges().ok()?.len();
+        let merging = local.iter().filter(|s| s.merging_into().is_some()).count();
+        let pairs = engine.scan(Cf::Data, &[floe_node::keys::DOC_PREFIX], &[], usize::MAX).ok()?;
+        let shards: Vec<&ReplicaView> = replicas.iter().filter(|r| r.0 != floe_node::keys::META_GROUP).collect();
+        let mut documents: BTreeMap<u64, u64> = shards.iter().map(|r| (r.0, 0)).collect();
+        let mut stray = 0;
+        for (k, v) in &pairs {
+            let owner = shards.iter().find(|r| r.3.as_slice() <= k.as_slice() && (r.4.is_empty() || k < &r.4));
+            match owner.and_then(|r| documents.get_mut(&r.0)) {
+                Some(h) => *h = fnv1a(fnv1a(*h, k), v),
+                None => stray += 1,
+            }
+        }
+        Some(NodeView { replicas, catalog, merges, merging, documents, stray })
     }
 }
 
-/// After heal: every node hosts the same groups, every replica of a group applied the same
-/// index and agrees on its range and epoch, every node holds identical documents, and every
-/// node's catalog has each shard's range and epoch as its replicas applied them.
+/// True when the nodes agree: every catalog copy is the same; no merge is left unfinished;
+/// each node hosts exactly the shards the catalog lists it for, at the catalog's epoch and
+/// range, and nothing else; every replica of a group (the meta group's on every node)
+/// applied the same index and holds the same documents.
+fn converged(views: &[(u64, NodeView)]) -> bool {
+    let Some((_, first)) = views.first() else { return true };
+    if views.iter().any(|(_, v)| v.catalog != first.catalog || v.merges > 0 || v.merging > 0 || v.stray > 0) {
+        return false;
+    }
+    let hosts_as_listed = views.iter().all(|(id, v)| {
+        let hosted: Vec<(u64, u64, &[u8], &[u8])> = v
+            .replicas
+            .iter()
+            .filter(|r| r.0 != floe_node::keys::META_GROUP)
+            .map(|r| (r.0, r.2, r.3.as_slice(), r.4.as_slice()))
+            .collect();
+        let listed: Vec<(u64, u64, &[u8], &[u8])> = first
+            .catalog
+            .iter()
+            .filter(|c| c.4.contains(id))
+            .map(|c| (c.0, c.1, c.2.as_slice(), c.3.as_slice()))
+            .collect();
+        hosted == listed
+    });
+    // Every replica of a group: the same applied index and documents as the first one seen.
+    let mut groups: BTreeMap<u64, (u64, Option<u64>)> = BTreeMap::new();
+    let replicas_agree = views.iter().all(|(_, v)| {
+        v.replicas.iter().all(|r| {
+            let state = (r.1, v.documents.get(&r.0).copied());
+            *groups.entry(r.0).or_insert(state) == state
+        })
+    });
+    hosts_as_listed && replicas_agree
+}
+
+/// After heal: the nodes converge (`converged`) within `HEAL_TIMEOUT`.
 async fn check_convergence(
     cluster: &tokio::sync::Mutex<SimCluster>,
     ids: &[u64],
@@ -1198,33 +1297,11 @@ async fn check_convergence(
             ids.iter()
                 .filter_map(|id| {
                     let node = c.nodes.get(id)?;
-                    let host = &node.running.as_ref()?.host;
-                    let replicas = host
-                        .local
-                        .all()
-                        .into_iter()
-                        .map(|s| (s.id, host.applied_index(s.id), s.epoch, s.start, s.end))
-                        .collect();
-                    let catalog = host
-                        .catalog
-                        .shard_map()
-                        .ok()?
-                        .shards
-                        .values()
-                        .map(|s| (s.id, s.epoch, s.start.clone(), s.end.clone()))
-                        .collect();
-                    let merges = host.catalog.merges().ok()?.len();
-                    let merging = host.local.all().iter().filter(|s| s.merging_into().is_some()).count();
-                    let pairs = node.engine.scan(Cf::Data, &[floe_node::keys::DOC_PREFIX], &[], usize::MAX).ok()?;
-                    let documents = pairs.iter().fold(0u64, |h, (k, v)| fnv1a(fnv1a(h, k), v));
-                    Some((*id, NodeView { replicas, catalog, merges, merging, documents }))
+                    Some((*id, NodeView::of(&node.running.as_ref()?.host, &node.engine)?))
                 })
                 .collect()
         };
-        let converged = views.len() == ids.len()
-            && views.windows(2).all(|w| w[0].1 == w[1].1)
-            && views.iter().all(|(_, v)| v.catalog_agrees());
-        if converged {
+        if views.len() == ids.len() && converged(&views) {
             trace.record(&format!("converged {views:?}"));
             return;
         }
@@ -1304,5 +1381,53 @@ mod tests {
         let mut v = Vec::new();
         check_eventual_reads(&events, &[("k".into(), json!(2), 1)], &mut v);
         assert_eq!(v.len(), 1, "a value read before its write was invoked is a violation");
+    }
+
+    /// Three nodes, one shard on nodes 1 and 2 only (a cluster larger than a shard's
+    /// replica set), everything agreeing; then each way of disagreeing.
+    #[test]
+    fn convergence_follows_each_shards_replica_set() {
+        let catalog = vec![(5, 2, b"a".to_vec(), b"m".to_vec(), vec![1, 2])];
+        let view = |replicas: Vec<ReplicaView>, documents: Vec<(u64, u64)>| NodeView {
+            replicas,
+            catalog: catalog.clone(),
+            merges: 0,
+            merging: 0,
+            documents: documents.into_iter().collect(),
+            stray: 0,
+        };
+        let meta = (0, 40, 1, Vec::new(), Vec::new());
+        let shard = (5, 17, 2, b"a".to_vec(), b"m".to_vec());
+        let good = || {
+            vec![
+                (1, view(vec![meta.clone(), shard.clone()], vec![(5, 99)])),
+                (2, view(vec![meta.clone(), shard.clone()], vec![(5, 99)])),
+                (3, view(vec![meta.clone()], vec![])),
+            ]
+        };
+        assert!(converged(&good()));
+        let mut lagging = good();
+        lagging[1].1.replicas[1].1 = 16;
+        assert!(!converged(&lagging), "a replica behind");
+        let mut diverged = good();
+        diverged[1].1.documents.insert(5, 98);
+        assert!(!converged(&diverged), "different documents");
+        let mut extra = good();
+        extra[2].1.replicas.push(shard.clone());
+        extra[2].1.documents.insert(5, 99);
+        assert!(!converged(&extra), "a replica the catalog does not list");
+        let mut missing = good();
+        missing[0].1.replicas.pop();
+        assert!(!converged(&missing), "a listed replica absent");
+        let mut stray = good();
+        stray[2].1.stray = 1;
+        assert!(!converged(&stray), "documents left outside every local shard");
+        let mut old_epoch = good();
+        old_epoch[0].1.replicas[1].2 = 1;
+        old_epoch[1].1.replicas[1].2 = 1;
+        assert!(!converged(&old_epoch), "replicas at another epoch than the catalog's");
+        let mut catalogs = good();
+        catalogs[2].1.catalog[0].4 = vec![1, 3];
+        assert!(!converged(&catalogs), "catalog copies differ");
     }
 }

@@ -237,3 +237,108 @@ async fn manual_split() -> anyhow::Result<()> {
     client.batch().put("users", "bob", &json!({})).put("users", "zed", &json!({})).commit().await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_nodes_hibernated_shards_elect_a_new_leader_before_any_request() {
+    bounded(peer_failure_wakes()).await;
+}
+
+/// Six shards hibernate; the node that led most of them is killed. Without any request to
+/// those shards, the surviving nodes wake them (the meta leader announces the failure) and
+/// elect new leaders; the shards the failed node did not lead sleep on; then every document
+/// reads back strongly through a survivor.
+async fn peer_failure_wakes() -> anyhow::Result<()> {
+    let args = ["--split-qps", "0", "--merge-qps", "0", "--balance-band", "0", "--hibernate-after", "2s"];
+    let mut cluster = Cluster::start_with_args(3, &args).await.context("start cluster")?;
+    let endpoints = cluster.grpc_endpoints();
+    let client = client_for(&endpoints)?;
+    ensure_collection(&client, "users").await?;
+    let users = client.collection("users");
+    let ids = ["a", "b", "c", "d", "e", "f"];
+    for id in ids {
+        users.put(id, &json!({ "id": id })).await?;
+    }
+    client.split_at("users", &ids[1..]).await.context("split into six shards")?;
+
+    // Every shard hibernates; pick the node that led most of them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let status = client.cluster_status().await?;
+        if status.shards.iter().all(|s| s.state == "hibernating") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            bail!("shards still active 30 s after the writes: {:?}\n{}", status.shards, cluster.log_tails());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    let mut led: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    for s in &status.shards {
+        led.entry(s.leader).or_default().push(s.id);
+    }
+    let (victim, victim_led) =
+        led.iter().max_by_key(|(_, shards)| shards.len()).map(|(n, s)| (*n, s.clone())).context("no shard")?;
+    if victim == 0 {
+        bail!("hibernated shards show no leader: {:?}", status.shards);
+    }
+    let survivor = (1..=3).find(|n| *n != victim).context("no survivor")?;
+    let survivor_endpoint = &endpoints[survivor as usize - 1];
+    let pinned = client_for(std::slice::from_ref(survivor_endpoint))?;
+    cluster.node_mut(victim)?.process.kill9()?;
+    let killed = Instant::now();
+
+    // No request touches the shards: only the failure announcement can wake them.
+    let deadline = killed + Duration::from_secs(40);
+    loop {
+        let status = pinned.cluster_status().await;
+        let woken = status.as_ref().is_ok_and(|st| {
+            victim_led.iter().all(|id| {
+                st.shards.iter().any(|s| s.id == *id && s.state == "active" && s.leader != 0 && s.leader != victim)
+            })
+        });
+        if woken {
+            let st = status?;
+            let asleep: Vec<u64> = st
+                .shards
+                .iter()
+                .filter(|s| !victim_led.contains(&s.id) && s.state != "hibernating")
+                .map(|s| s.id)
+                .collect();
+            assert!(asleep.is_empty(), "shards node {victim} did not lead woke too: {asleep:?}");
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "shards {victim_led:?} led by killed node {victim} had no new leader 40 s later: {status:?}\n{}",
+                cluster.log_tails()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "node {victim} killed; the {} shards it led had new leaders {} ms later, before any request",
+        victim_led.len(),
+        killed.elapsed().as_millis()
+    );
+    let metrics = floe_tests::http_client()
+        .get(cluster.node_mut(survivor)?.process.http_url("/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
+    let wakes: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("floe_peer_down_wakes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(wakes >= 1, "floe_peer_down_wakes_total on node {survivor} is {wakes}");
+
+    for id in ids {
+        let started = Instant::now();
+        let doc: Option<Document<Value>> = pinned.collection("users").get_with(id, ReadConsistency::Strong).await?;
+        assert_eq!(doc.map(|d| d.value["id"].clone()), Some(json!(id)), "{id} reads back");
+        let ms = started.elapsed().as_millis();
+        assert!(ms < 2_000, "a strong read of {id} took {ms} ms after the shards woke");
+    }
+    Ok(())
+}

@@ -36,6 +36,50 @@ async fn join_and_remove_under_load_lose_nothing() {
     }
 }
 
+/// Reads `via-node-4` through node 4's HTTP gateway (node 4 has no replica of the shard) at
+/// every consistency level, one document and in a batch: each must return the write. Strong
+/// and session reads must see it at once; bounded and eventual ones within a few seconds
+/// (the serving replica may not have applied it yet).
+async fn read_through_node_without_replica(http: &reqwest::Client, http_addr: &str, token: &str) -> anyhow::Result<()> {
+    let doc_url = format!("http://{http_addr}/v1/collections/{COLLECTION}/docs/via-node-4");
+    let levels = [("strong", "consistency=strong", true), ("session", "consistency=session", true)];
+    let eventually =
+        [("bounded", "consistency=bounded&max_staleness_ms=1000", false), ("eventual", "consistency=eventual", false)];
+    for (name, query, at_once) in levels.into_iter().chain(eventually) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let get = http.get(format!("{doc_url}?{query}")).header("floe-session", token).send().await?;
+            let status = get.status();
+            let body = get.text().await?;
+            let seen = status.is_success() && body.replace(' ', "").contains(r#""n":4"#);
+            if seen {
+                break;
+            }
+            if at_once || std::time::Instant::now() > deadline {
+                bail!("a {name} read through node 4 (no replica) answered {status}: {body}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let batch = http
+            .post(format!("http://{http_addr}/v1/collections/{COLLECTION}/batch_get"))
+            .header("floe-session", token)
+            .json(&if name == "bounded" {
+                json!({ "ids": ["via-node-4", "absent-doc"], "consistency": name, "max_staleness_ms": 60_000 })
+            } else {
+                json!({ "ids": ["via-node-4", "absent-doc"], "consistency": name })
+            })
+            .send()
+            .await?;
+        let status = batch.status();
+        let body: Value = batch.json().await.unwrap_or(Value::Null);
+        let docs = body["documents"].as_array().cloned().unwrap_or_default();
+        if !status.is_success() || docs.len() != 2 {
+            bail!("a {name} batch get through node 4 answered {status}: {body}");
+        }
+    }
+    Ok(())
+}
+
 /// Acknowledged writes: id → (version, value).
 type Acked = Arc<Mutex<BTreeMap<String, (u64, i64)>>>;
 
@@ -119,13 +163,15 @@ async fn run() -> anyhow::Result<()> {
     }
 
     // Node 4 holds no replica of the shard: a write through its HTTP gateway is forwarded to
-    // the shard's replicas; an eventual read there has nothing local to serve from.
+    // the shard's leader, and reads at every level are served by one of the replicas.
     let http = floe_tests::http_client();
     let url = format!("http://{http_addr}/v1/collections/{COLLECTION}/docs/via-node-4");
     let put = http.put(&url).body(r#"{"n":4}"#).header("content-type", "application/json").send().await?;
     if !put.status().is_success() {
         bail!("a write through node 4 (no replica) answered {}: {}", put.status(), put.text().await?);
     }
+    let token = put.headers().get("floe-session").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
+    read_through_node_without_replica(&http, &http_addr, &token).await?;
     // A restarted member re-confirms its join (idempotent) and serves again.
     cluster.node_mut(4)?.process.restart()?;
     cluster.node_mut(4)?.process.wait_ready(READY_TIMEOUT).await.context("node 4 after restart")?;

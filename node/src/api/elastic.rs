@@ -15,6 +15,7 @@
 use super::{ApiError, NodeApi};
 use crate::catalog::{CatalogCommand, CatalogResponse, MergeIntent, MergeState, ShardDesc};
 use crate::keys;
+use crate::liveness::{self, Liveness};
 use crate::placement::{self, Action, NodesView, ShardView};
 use crate::raft::host::ForwardRequest;
 use crate::raft::types::{Command, CommandResponse, GroupId, SplitDone};
@@ -179,6 +180,17 @@ impl NodeApi {
     /// frozen, the meta group commits the merge, both retire, and every node starts the
     /// merged shard over the data it already holds. Returns the merged shard's state.
     pub async fn merge_shards(&self, left: GroupId, right: GroupId) -> Result<GroupState, ApiError> {
+        // The coordinator reads both parts' applied states: a node not hosting both has one
+        // of their replicas do it (a cluster larger than the replication factor; found by the
+        // simulator, seed 924 with 5 nodes: the meta leader's merges failed forever).
+        if !(self.host.hosts(left) && self.host.hosts(right)) {
+            return self.merge_through_replica(left, right).await;
+        }
+        self.merge_here(left, right).await
+    }
+
+    /// `merge_shards` coordinated by this node (it must host both parts).
+    pub(super) async fn merge_here(&self, left: GroupId, right: GroupId) -> Result<GroupState, ApiError> {
         let map = self.catalog.shard_map()?;
         let found = |id: GroupId| {
             map.shards.get(&id).cloned().ok_or_else(|| ApiError::NotFound {
@@ -399,6 +411,23 @@ impl NodeApi {
     }
 
     /// The driver's view of the nodes: the live members and who leads each active shard.
+    /// On the meta leader: finds the members that stopped reporting and has every other
+    /// node (this one too) wake the hibernated shards each of them led.
+    fn announce_failures(&self, liveness: &mut Liveness) {
+        let Ok(view) = self.nodes_view() else { return };
+        let Ok(all) = self.catalog.nodes() else { return };
+        let now = tokio::time::Instant::now();
+        for down in liveness.observe(now, self.node_id, &view.nodes, &self.host.report_times()) {
+            tracing::warn!(node = down, "node stopped reporting; the others wake the shards it led");
+            let peers = all
+                .iter()
+                .filter(|n| n.id != down && n.id != self.node_id && view.nodes.contains(&n.id))
+                .map(|n| (n.id, n.grpc_addr.clone()))
+                .collect();
+            self.host.announce_peer_down(down, peers);
+        }
+    }
+
     fn nodes_view(&self) -> Result<NodesView, ApiError> {
         let mut nodes = Vec::new();
         for n in self.catalog.nodes()? {
@@ -508,14 +537,17 @@ pub async fn placement_loop(api: Weak<NodeApi>) {
     let mut sizes = SizeCache::new();
     // When each open merge was first seen preparing.
     let mut preparing: BTreeMap<GroupId, tokio::time::Instant> = BTreeMap::new();
+    let mut liveness = Liveness::new(liveness::DOWN_AFTER);
     loop {
         tokio::time::sleep(PLACEMENT_INTERVAL).await;
         let Some(api) = api.upgrade() else { return };
         if !api.host().group(keys::META_GROUP).is_some_and(|m| m.is_leader()) {
             changed.clear();
             sizes.clear();
+            liveness.stop_watching();
             continue;
         }
+        api.announce_failures(&mut liveness);
         api.resolve_merges(&mut preparing).await;
         let views = match api.placement_view(&changed, &mut sizes) {
             Ok(v) => v,
@@ -536,7 +568,11 @@ pub async fn placement_loop(api: Weak<NodeApi>) {
         changed.retain(|k, _| current.contains(k));
         sizes.retain(|k, _| current.contains(k));
         let nodes = match api.nodes_view() {
-            Ok(n) => n,
+            // Nothing moves to or balances onto a node that stopped reporting.
+            Ok(mut n) => {
+                n.nodes.retain(|id| !liveness.is_down(*id));
+                n
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "node view unavailable");
                 continue;

@@ -25,6 +25,7 @@
 
 pub mod elastic;
 pub mod error;
+mod forward;
 pub mod grpc;
 pub mod http;
 pub mod membership;
@@ -44,7 +45,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How fresh a read must be.
-#[derive(Clone, Debug, PartialEq, Eq, Default)]
+#[derive(Clone, Debug, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum ReadConsistency {
     #[default]
     Strong,
@@ -312,7 +313,8 @@ impl NodeApi {
     async fn read_position(&self, group: GroupId, consistency: &ReadConsistency) -> Result<u64, ApiError> {
         let leads = self.host.group(group).is_some_and(|g| g.is_leader());
         // Every level, eventual too: this node's data holds nothing of a shard it has no
-        // replica of (a "not found" would be a lie). Forwarding reads is not built yet.
+        // replica of (a "not found" would be a lie). The public read paths sent such a read
+        // to a replica (`forward`); this is a route that changed under the request.
         if !self.host.hosts(group) {
             return Err(ApiError::Unavailable {
                 message: format!(
@@ -415,6 +417,18 @@ impl NodeApi {
         let strong = *consistency != ReadConsistency::Eventual;
         self.require_collection(tenant, collection, strong).await?;
         let key = keys::doc_key(tenant, collection, id);
+        let first = self.route(&key)?;
+        if !self.host.hosts(first) {
+            let ids = [id.to_string()];
+            let (mut items, meta) = self.read_through_replica(first, tenant, collection, &ids, consistency).await?;
+            return match items.pop().and_then(|(_, d)| d) {
+                Some(doc) => Ok((doc, meta)),
+                None => Err(ApiError::NotFound {
+                    code: "not_found",
+                    message: format!("document {collection}/{id} not found"),
+                }),
+            };
+        }
         let mut attempt = 0;
         let (group, position) = loop {
             let group = self.route(&key)?;
@@ -422,8 +436,7 @@ impl NodeApi {
             let position = self.read_position(group, consistency).await?;
             // Once the position is applied, the shard must still own the key: a split or
             // merge applied meanwhile hands it to another shard.
-            if self.replica_owns(group, &key) || (*consistency == ReadConsistency::Eventual && !self.host.hosts(group))
-            {
+            if self.replica_owns(group, &key) {
                 break (group, position);
             }
             self.before_reroute(attempt, &format!("reading {collection}/{id}")).await?;
@@ -453,6 +466,36 @@ impl NodeApi {
     ) -> Result<(BatchGetItems, ResponseMeta), ApiError> {
         let _timer = ReadTimer::start(&self.metrics, consistency);
         let tenant = tenant_or_default(tenant);
+        let keys = self.batch_get_keys(tenant, collection, ids, consistency).await?;
+        let owners = keys.iter().map(|k| self.route(k)).collect::<Result<Vec<_>, _>>()?;
+        if owners.iter().any(|g| !self.host.hosts(*g)) {
+            return self.batch_get_scattered(tenant, collection, ids, &owners, consistency).await;
+        }
+        self.read_here(collection, ids, keys, consistency).await
+    }
+
+    /// `batch_get` served from this node's replicas only (a read another node forwarded
+    /// here): a shard without a replica here is a retryable error.
+    async fn batch_get_here(
+        &self,
+        tenant: &str,
+        collection: &str,
+        ids: &[String],
+        consistency: &ReadConsistency,
+    ) -> Result<(BatchGetItems, ResponseMeta), ApiError> {
+        let _timer = ReadTimer::start(&self.metrics, consistency);
+        let keys = self.batch_get_keys(tenant, collection, ids, consistency).await?;
+        self.read_here(collection, ids, keys, consistency).await
+    }
+
+    /// Checks a batch get's names, ids and collection; the ids' document keys.
+    async fn batch_get_keys(
+        &self,
+        tenant: &str,
+        collection: &str,
+        ids: &[String],
+        consistency: &ReadConsistency,
+    ) -> Result<Vec<Vec<u8>>, ApiError> {
         self.check_tenant_collection(tenant, collection)?;
         if ids.len() > self.limits.batch_ops_max {
             return Err(ApiError::invalid(
@@ -465,7 +508,72 @@ impl NodeApi {
         }
         let strong = *consistency != ReadConsistency::Eventual;
         self.require_collection(tenant, collection, strong).await?;
-        let keys: Vec<Vec<u8>> = ids.iter().map(|id| keys::doc_key(tenant, collection, id)).collect();
+        Ok(ids.iter().map(|id| keys::doc_key(tenant, collection, id)).collect())
+    }
+
+    /// A batch get some of whose shards have no replica here: each such shard's ids go to
+    /// one of its replicas, the rest are read here; results in request order, the session
+    /// token naming every shard read.
+    async fn batch_get_scattered(
+        &self,
+        tenant: &str,
+        collection: &str,
+        ids: &[String],
+        owners: &[GroupId],
+        consistency: &ReadConsistency,
+    ) -> Result<(BatchGetItems, ResponseMeta), ApiError> {
+        let mut local_ids = Vec::new();
+        let mut remote: BTreeMap<GroupId, Vec<String>> = BTreeMap::new();
+        for (id, g) in ids.iter().zip(owners) {
+            if self.host.hosts(*g) {
+                local_ids.push(id.clone());
+            } else {
+                remote.entry(*g).or_default().push(id.clone());
+            }
+        }
+        let mut found: BTreeMap<String, Option<DocView>> = BTreeMap::new();
+        let mut tokens = Vec::new();
+        let mut units = 0.0;
+        let mut served_by = self.node_id;
+        if !local_ids.is_empty() {
+            let local_keys = local_ids.iter().map(|id| keys::doc_key(tenant, collection, id)).collect();
+            let (items, meta) = self.read_here(collection, &local_ids, local_keys, consistency).await?;
+            found.extend(items);
+            tokens.push(meta.session_token);
+            units += meta.request_units;
+        }
+        for (group, group_ids) in &remote {
+            let (items, meta) = self.read_through_replica(*group, tenant, collection, group_ids, consistency).await?;
+            found.extend(items);
+            tokens.push(meta.session_token);
+            units += meta.request_units;
+            if local_ids.is_empty() && remote.len() == 1 {
+                served_by = meta.served_by;
+            }
+        }
+        let items = ids.iter().map(|id| (id.clone(), found.get(id).cloned().flatten())).collect();
+        // One position per group (a token naming a group twice is malformed): the parts
+        // read disjoint groups, unless a replica moved here during the request.
+        let mut groups = std::collections::BTreeSet::new();
+        tokens.retain(|t| t.split_once(':').is_some_and(|(g, _)| groups.insert(g.to_string())));
+        let meta = ResponseMeta {
+            session_token: tokens.join(","),
+            request_units: units,
+            served_by,
+            leader: None,
+            shard: None,
+        };
+        Ok((items, meta))
+    }
+
+    /// Reads `keys` (of `ids`) from this node's replicas at `consistency`.
+    async fn read_here(
+        &self,
+        collection: &str,
+        ids: &[String],
+        keys: Vec<Vec<u8>>,
+        consistency: &ReadConsistency,
+    ) -> Result<(BatchGetItems, ResponseMeta), ApiError> {
         // Scatter: group keys by shard and take one read position per shard; then re-check
         // that every shard still owns its keys (else re-route them all).
         let mut attempt = 0;
@@ -480,8 +588,7 @@ impl NodeApi {
                     slot.insert(self.read_position(g, consistency).await?);
                 }
             }
-            let eventual = *consistency == ReadConsistency::Eventual;
-            if keys.iter().zip(&owners).all(|(k, g)| self.replica_owns(*g, k) || (eventual && !self.host.hosts(*g))) {
+            if keys.iter().zip(&owners).all(|(k, g)| self.replica_owns(*g, k)) {
                 break positions;
             }
             self.before_reroute(attempt, "batch get").await?;

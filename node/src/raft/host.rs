@@ -125,6 +125,15 @@ pub enum ForwardRequest {
     /// To a replica: start yours if it is hibernating (another replica is waking for a
     /// request). Never creates a replica.
     Wake,
+    /// From the meta leader to every node: `node` stopped reporting (`liveness`); wake your
+    /// hibernated replicas of the groups it led, so they elect a new leader now.
+    PeerDown {
+        node: NodeId,
+    },
+    /// An API call another node cannot serve itself (the API layer's encoded request): a read
+    /// of a shard with no replica there, a merge of shards hosted here (see
+    /// `RaftHost::serve_api_calls`).
+    ApiCall(String),
 }
 
 /// A change of a group's voters, run on its leader.
@@ -171,7 +180,14 @@ pub enum ForwardResponse {
         index: u64,
         nodes: Vec<NodeId>,
     },
+    /// The answer to `ApiCall`: the API layer's encoded reply.
+    ApiCall(String),
 }
+
+/// Serves an API call another node forwarded: the API layer's encoded request in, its
+/// encoded reply out. The API layer registers it once (`RaftHost::serve_api_calls`); the
+/// host only carries the bytes.
+pub type ApiCallHandler = Arc<dyn Fn(String) -> futures::future::BoxFuture<'static, String> + Send + Sync>;
 
 /// One shard's load across the cluster (the sum of every node's latest report).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -263,11 +279,15 @@ pub struct RaftHost {
     pub(super) messages_received: AtomicU64,
     /// Dormant replicas started again.
     wakes: AtomicU64,
+    /// Dormant replicas woken because the node that led them went down.
+    peer_down_wakes: AtomicU64,
     /// Replica starts and the wall time they took (µs), for `floe_group_start_seconds`.
     starts: AtomicU64,
     start_micros: AtomicU64,
     /// The latest load report of every node (kept on every node; used on the meta leader).
     load_reports: Mutex<BTreeMap<NodeId, LoadReport>>,
+    /// Serves API calls other nodes forward (set by the API layer).
+    api_calls: std::sync::OnceLock<ApiCallHandler>,
 }
 
 /// One node's latest load report: when it came, each group's rate and sampled keys, and the
@@ -297,8 +317,41 @@ pub(super) async fn run_detached(
     }
 }
 
+/// Builds a snapshot of `h`'s group at its applied index and purges its log through it, so
+/// a replica added next can only catch up from a snapshot. Polls (no metrics waits: the
+/// simulator's replay) until the purge shows or `deadline`.
+async fn purge_through_applied(h: &GroupHandle, deadline: tokio::time::Instant) -> Result<(), String> {
+    let metrics = || h.raft.metrics().borrow().clone();
+    let applied = metrics().last_applied.map_or(0, |l| l.index);
+    let purged = || metrics().purged.map_or(0, |l| l.index);
+    if purged() >= applied {
+        return Ok(());
+    }
+    let fatal = |e: openraft::error::Fatal<NodeId>| format!("group {} stopped: {e}", h.group);
+    if metrics().snapshot.map_or(0, |l| l.index) < applied {
+        h.raft.trigger().snapshot().await.map_err(fatal)?;
+        while metrics().snapshot.map_or(0, |l| l.index) < applied {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(format!("no snapshot of group {} at index {applied} in time", h.group));
+            }
+            tokio::time::sleep(PURGE_POLL).await;
+        }
+    }
+    h.raft.trigger().purge_log(applied).await.map_err(fatal)?;
+    while purged() < applied {
+        if tokio::time::Instant::now() >= deadline {
+            return Err(format!("group {}'s log not purged through {applied} in time", h.group));
+        }
+        tokio::time::sleep(PURGE_POLL).await;
+    }
+    Ok(())
+}
+
+/// How often adding a replica polls for its snapshot and purge.
+const PURGE_POLL: Duration = Duration::from_millis(5);
+
 /// How often a request polls a replica that just woke for its leader.
-const LEADER_POLL: Duration = Duration::from_millis(1);
+pub(super) const LEADER_POLL: Duration = Duration::from_millis(1);
 /// Redirects to a named leader that `on_leader` follows at once before it backs off.
 const REDIRECTS_WITHOUT_BACKOFF: u32 = 2;
 
@@ -353,8 +406,10 @@ impl RaftHost {
             catalog_cache,
             started: tokio::time::Instant::now(),
             load_reports: Mutex::new(BTreeMap::new()),
+            api_calls: std::sync::OnceLock::new(),
             messages_received: AtomicU64::new(0),
             wakes: AtomicU64::new(0),
+            peer_down_wakes: AtomicU64::new(0),
             starts: AtomicU64::new(0),
             start_micros: AtomicU64::new(0),
         });
@@ -416,6 +471,61 @@ impl RaftHost {
         }
     }
 
+    /// When each node's latest load report came (for `liveness` on the meta leader).
+    pub fn report_times(&self) -> BTreeMap<NodeId, tokio::time::Instant> {
+        let Ok(reports) = self.load_reports.lock() else { return BTreeMap::new() };
+        reports.iter().map(|(node, r)| (*node, r.at)).collect()
+    }
+
+    /// Node `down` went down: wakes every dormant replica here whose last known leader it
+    /// was (a committed vote for it), one after another in a task of this node, so those
+    /// groups elect a new leader before a request has to wait for it. Returns how many.
+    pub fn wake_groups_led_by(self: &Arc<Self>, down: NodeId) -> usize {
+        if down == self.config.node_id {
+            return 0;
+        }
+        let led: Vec<GroupId> = self.dormant_ids().into_iter().filter(|g| self.last_leader(*g) == Some(down)).collect();
+        let count = led.len();
+        if count > 0 {
+            tracing::info!(node = down, groups = count, "waking the hibernated groups a failed node led");
+            let host = self.clone();
+            super::runtime::spawn(async move {
+                for group in led {
+                    // Raft traffic, not a request: the group may sleep again once at rest.
+                    match host.wake_for_raft(group).await {
+                        Ok(_) => {
+                            host.peer_down_wakes.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => tracing::debug!(group, error = %e, "could not wake a group its failed leader led"),
+                    }
+                }
+            });
+        }
+        count
+    }
+
+    /// Tells `peers` (and this node) that node `down` went down, so each wakes the dormant
+    /// groups it led (`wake_groups_led_by`). Best effort: a replica that misses it wakes on
+    /// its next request instead.
+    pub fn announce_peer_down(self: &Arc<Self>, down: NodeId, peers: Vec<(NodeId, String)>) {
+        self.wake_groups_led_by(down);
+        for (peer, addr) in peers {
+            let host = self.clone();
+            let timeout = self.config.tuning.request_timeout;
+            super::runtime::spawn(async move {
+                let request = ForwardRequest::PeerDown { node: down };
+                if let Err(e) = host.ask_node(keys::META_GROUP, peer, &addr, &request, timeout).await {
+                    tracing::debug!(peer, down, error = %e, "could not announce a failed node");
+                }
+            });
+        }
+    }
+
+    /// Dormant replicas woken because their leader's node went down.
+    pub fn peer_down_wakes(&self) -> u64 {
+        self.peer_down_wakes.load(Ordering::Relaxed)
+    }
+
     /// The leader of every group some node reported leading recently (hibernated groups
     /// have none). With two claims (a term change between reports), the later report wins.
     pub fn reported_leaders(&self) -> BTreeMap<GroupId, NodeId> {
@@ -474,6 +584,37 @@ impl RaftHost {
     }
 
     /// Dormant groups (on disk, not running).
+    /// At process start, before any group runs: a replica that led its group gives up the
+    /// claim (its vote stays, uncommitted), so it can only lead again by winning a new term.
+    /// openraft 0.9 resumes a leader on a committed vote at once, with the commit index its
+    /// durable state implies: an entry committed by the followers just before the crash, of
+    /// which they had not yet heard the commit, was then below the resumed leader's read
+    /// index, and a strong read on a follower missed an acknowledged write (found by the
+    /// simulator, seed 81). A newly elected leader commits an entry of its own term first.
+    /// Waking a hibernated group (no crash: everything was applied) still resumes at once.
+    pub async fn forget_leadership_after_restart(&self) -> Result<usize, crate::storage::EngineError> {
+        let me = self.config.node_id;
+        let mut groups: BTreeSet<GroupId> = self.dormant_ids().into_iter().collect();
+        groups.insert(keys::META_GROUP);
+        let mut batch = crate::storage::WriteBatch::new();
+        let mut count = 0;
+        for group in groups {
+            let key = keys::group_meta_key(group, "vote");
+            let Some(bytes) = self.engine.get(Cf::RaftMeta, &key)? else { continue };
+            let Ok(vote) = serde_json::from_slice::<super::types::Vote>(&bytes) else { continue };
+            if vote.is_committed() && vote.leader_id().voted_for() == Some(me) {
+                let claim = super::types::Vote::new(vote.leader_id().term, me);
+                let Ok(value) = serde_json::to_vec(&claim) else { continue };
+                batch.put(Cf::RaftMeta, key, value);
+                count += 1;
+            }
+        }
+        if count > 0 {
+            self.write_synced(batch).await?;
+        }
+        Ok(count)
+    }
+
     pub fn dormant_ids(&self) -> Vec<GroupId> {
         self.dormant.lock().map(|d| d.iter().copied().collect()).unwrap_or_default()
     }
@@ -805,6 +946,12 @@ impl RaftHost {
         }
         let membership = h.raft.metrics().borrow().membership_config.membership().clone();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        if !voters.contains(&self.config.node_id) {
+            // A leader that removed itself (a move away) until it steps down: it must not
+            // change the group's membership any more (openraft asserts it leads a
+            // configuration it is in; found by the simulator, seed 1456 with 5 nodes).
+            return ForwardResponse::NotLeader { leader: None };
+        }
         let uniform = super::types::is_uniform(&membership);
         let membership_index = h.raft.metrics().borrow().membership_config.log_id().map(|l| l.index).unwrap_or(0);
         let unchanged = |voters: &BTreeSet<NodeId>| ForwardResponse::MembersChanged {
@@ -843,38 +990,73 @@ impl RaftHost {
             }
             MemberChange::AddVoter { id, .. } if uniform && voters.contains(&id) => return unchanged(&voters),
             MemberChange::AddVoter { id, addr, .. } => {
+                // A learner already (an earlier attempt added it and may still be waiting for
+                // it): only wait and promote. Purging again would cut the log under the
+                // snapshot it is being sent.
+                let learner = membership.get_node(&id).is_some();
                 if !voters.contains(&id) {
-                    // The node needs a replica (empty) to take the group's entries or snapshot.
-                    if let Err(reason) = self.open_replica_on(group, id, &addr, deadline).await {
-                        return ForwardResponse::Failed(GroupError::Unavailable { group, reason, retry_safe: true });
-                    }
-                    // Not openraft's blocking add: it calls a learner within
-                    // `replication_lag_threshold` (5,000 entries) "up to date", even one that
-                    // never answered. Promote only once it holds the entry that added it.
-                    let add = h.raft.add_learner(id, BasicNode { addr }, false);
-                    let added = match tokio::time::timeout_at(deadline, add).await {
-                        Err(_) => return timed_out(),
-                        Ok(Err(e)) => return write_error(e),
-                        Ok(Ok(resp)) => resp.log_id.index,
+                    let added = if learner {
+                        // The membership that names it is at least the entry that added it.
+                        membership_index
+                    } else {
+                        // The new replica must start from a snapshot, never by replaying the log
+                        // from before the group's last range change: entries before a split write
+                        // keys the split's child owns now, and the node may host that child
+                        // already (its newer documents were overwritten with old versions: found
+                        // by the simulator, seed 289 with 5 nodes).
+                        if let Err(reason) = purge_through_applied(&h, deadline).await {
+                            return ForwardResponse::Failed(GroupError::Unavailable {
+                                group,
+                                reason,
+                                retry_safe: true,
+                            });
+                        }
+                        tracing::debug!(group, node = id, "adding a replica: log purged through the applied index");
+                        // The node needs a replica (empty) to take the group's entries or snapshot.
+                        if let Err(reason) = self.open_replica_on(group, id, &addr, deadline).await {
+                            return ForwardResponse::Failed(GroupError::Unavailable {
+                                group,
+                                reason,
+                                retry_safe: true,
+                            });
+                        }
+                        // Not openraft's blocking add: it calls a learner within
+                        // `replication_lag_threshold` (5,000 entries) "up to date", even one that
+                        // never answered. Promote only once it holds the entry that added it.
+                        let add = h.raft.add_learner(id, BasicNode { addr }, false);
+                        let added = match tokio::time::timeout_at(deadline, add).await {
+                            Err(_) => return timed_out(),
+                            Ok(Err(e)) => {
+                                tracing::debug!(group, node = id, error = %e, "adding a replica: learner not added");
+                                return write_error(e);
+                            }
+                            Ok(Ok(resp)) => resp.log_id.index,
+                        };
+                        tracing::debug!(group, node = id, added, "adding a replica: learner added");
+                        added
                     };
-                    let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    let caught_up = h
-                        .raft
-                        .wait(Some(left))
-                        .metrics(
-                            |m| match &m.replication {
-                                None => true, // no longer leader: checked below
-                                Some(r) => r.get(&id).and_then(|l| l.map(|l| l.index)).is_some_and(|i| i >= added),
-                            },
-                            "learner caught up",
-                        )
-                        .await;
-                    match caught_up {
-                        Err(_) => return timed_out(),
-                        Ok(m) if m.replication.is_none() => return ForwardResponse::NotLeader { leader: None },
-                        Ok(_) => {}
+                    // Polled, not `Raft::wait`: the group's replica may restart meanwhile (a
+                    // watch on the old instance never fires again), and watch waiters wake in
+                    // a random order (the simulator's replay).
+                    loop {
+                        let Some(current) = self.group(group) else {
+                            return ForwardResponse::NotLeader { leader: None };
+                        };
+                        let m = current.raft.metrics().borrow().clone();
+                        match &m.replication {
+                            None => return ForwardResponse::NotLeader { leader: current.leader() },
+                            Some(r) if r.get(&id).and_then(|l| l.map(|l| l.index)).is_some_and(|i| i >= added) => break,
+                            Some(r) => {
+                                if tokio::time::Instant::now() >= deadline {
+                                    tracing::info!(group, node = id, added, matched = ?r.get(&id), "learner did not catch up in time");
+                                    return timed_out();
+                                }
+                            }
+                        }
+                        tokio::time::sleep(PURGE_POLL).await;
                     }
                 }
+                tracing::debug!(group, node = id, "adding a replica: promoting to voter");
                 // Also finishes a change left joint by an interrupted earlier attempt.
                 let add = ChangeMembers::AddVoterIds(BTreeSet::from([id]));
                 tokio::time::timeout_at(deadline, h.raft.change_membership(add, false)).await
@@ -1057,6 +1239,8 @@ impl RaftHost {
                     | ForwardRequest::OpenReplica
                     | ForwardRequest::Elect
                     | ForwardRequest::Wake
+                    | ForwardRequest::ApiCall(_)
+                    | ForwardRequest::PeerDown { .. }
                     | ForwardRequest::ReportLoad { .. } => {
                         ForwardResponse::Failed(GroupError::Fatal { group, reason: "not a leader request".into() })
                     }
@@ -1071,7 +1255,15 @@ impl RaftHost {
                     let payload =
                         serde_json::to_vec(&req).map_err(|e| GroupError::Fatal { group, reason: e.to_string() })?;
                     let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-                    match self.transport.call(addr, env, RpcKind::Forward, payload, left).await {
+                    // A membership change runs detached on the leader and a re-run joins
+                    // it where it is: one lost message must not hold the caller (the
+                    // placement driver) for the whole change's bound (found by the
+                    // simulator, seed 233 with 5 nodes: a move stalled 120 s halfway).
+                    let attempt = match req {
+                        ForwardRequest::ChangeMembers(_) => left.min(MEMBERSHIP_ATTEMPT_TIMEOUT),
+                        _ => left,
+                    };
+                    match self.transport.call(addr, env, RpcKind::Forward, payload, attempt).await {
                         Ok(bytes) => serde_json::from_slice(&bytes)
                             .map_err(|e| GroupError::Fatal { group, reason: format!("bad forward reply: {e}") })?,
                         Err(TransportError::Unreachable(r)) | Err(TransportError::Refused(r)) => {
@@ -1145,6 +1337,55 @@ impl RaftHost {
                 return Err(GroupError::Unavailable { group, reason, retry_safe });
             }
             tokio::time::sleep(backoff).await;
+        }
+    }
+
+    /// Registers the handler of API calls other nodes forward here (once; a second
+    /// registration is ignored).
+    pub fn serve_api_calls(&self, handler: ApiCallHandler) {
+        let _ = self.api_calls.set(handler);
+    }
+
+    /// Serves a forwarded API call with the registered handler.
+    pub(super) async fn api_call_local(&self, group: GroupId, request: String) -> ForwardResponse {
+        match self.api_calls.get() {
+            Some(handler) => ForwardResponse::ApiCall(handler(request).await),
+            None => ForwardResponse::Failed(GroupError::Unavailable {
+                group,
+                reason: format!("node {} is still starting", self.config.node_id),
+                retry_safe: true,
+            }),
+        }
+    }
+
+    /// The replicas to send a call about `group` to from a node without one: the catalog's
+    /// replicas with their addresses, the last leader this node knows of first (a strong read
+    /// served there needs no extra hop).
+    pub fn replica_targets(&self, group: GroupId) -> Vec<(NodeId, String)> {
+        let mut targets = self.other_replicas(group);
+        if let Some(leader) = self.last_leader(group) {
+            if let Some(at) = targets.iter().position(|(id, _)| *id == leader) {
+                let known = targets.remove(at);
+                targets.insert(0, known);
+            }
+        }
+        targets
+    }
+
+    /// Sends an API call (the API layer's encoded request) about `group` to node `to` at
+    /// `addr`; its encoded reply, or why none came (transport failure, the node refused).
+    pub async fn ask_api_call(
+        &self,
+        group: GroupId,
+        to: NodeId,
+        addr: &str,
+        request: String,
+        timeout: Duration,
+    ) -> Result<String, String> {
+        match self.ask_node(group, to, addr, &ForwardRequest::ApiCall(request), timeout).await? {
+            ForwardResponse::ApiCall(reply) => Ok(reply),
+            ForwardResponse::Failed(e) => Err(e.to_string()),
+            other => Err(format!("node {to} answered {other:?} to an API call")),
         }
     }
 
@@ -1351,6 +1592,9 @@ pub enum BoundedPath {
 
 /// Bound on one membership change, including a learner's catch-up (snapshot streaming).
 pub const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(120);
+/// Bound on one forwarded attempt of a membership change (the caller then asks again; the
+/// change goes on on the leader meanwhile).
+pub const MEMBERSHIP_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Bound on queued strong reads per group.
 pub const READ_QUEUE_MAX: usize = 16_384;

@@ -143,6 +143,11 @@ impl Inbound for Arc<RaftHost> {
                             Err(e) => ForwardResponse::Failed(e),
                         },
                         ForwardRequest::Members => host.members_local(group).await,
+                        ForwardRequest::ApiCall(request) => host.api_call_local(group, request).await,
+                        ForwardRequest::PeerDown { node } => {
+                            host.wake_groups_led_by(node);
+                            ForwardResponse::Done
+                        }
                     };
                     encode(&resp)
                 }

@@ -153,6 +153,15 @@ impl RaftHost {
             Ok(h) => h,
             Err(e) => return ForwardResponse::Failed(e),
         };
+        // A replica this request just woke shows its leadership (a leader resumes on its
+        // committed vote) only once its core ran: poll for it, as requests do. Answering at
+        // once said "no leader" to every asker of a hibernated group, which fell asleep again
+        // before the next one (a removed replica was never deleted: simulator, seed 693 with 5
+        // nodes).
+        let until = tokio::time::Instant::now() + Duration::from_millis(self.config.tuning.election_timeout_max_ms);
+        while h.leader().is_none() && tokio::time::Instant::now() < until {
+            tokio::time::sleep(super::host::LEADER_POLL).await;
+        }
         if h.raft.metrics().borrow().state != ServerState::Leader {
             return ForwardResponse::NotLeader { leader: h.leader() };
         }
@@ -193,10 +202,25 @@ impl RaftHost {
                 // The catalog first (in memory): reading every dormant replica's membership
                 // from disk every round costs CPU with thousands of shards.
                 let Some(desc) = map.shards.get(&s.id).filter(|d| !d.replicas.contains(&me)) else { return false };
-                // A replica with no membership naming this node (an empty one opened for a
-                // join or move, still waiting for its snapshot) is never a candidate.
+                // Named in its own membership: the catalog's list comes from a later change.
+                // Not named, yet with a membership from a log: it applied its own removal (a
+                // leader that moved its replica away; found by the simulator, seed 0 with 5
+                // nodes). An empty replica opened for a join or move has no membership from a
+                // log yet and is never a candidate. Either way only the leader's word
+                // deletes anything (`drop_removed_replica`).
                 let Some((mine, members)) = self.local_membership(s.id) else { return false };
-                members.contains(&me) && desc.replicas_at > mine
+                tracing::debug!(
+                    group = s.id,
+                    mine,
+                    ?members,
+                    replicas_at = desc.replicas_at,
+                    "replica the catalog no longer lists"
+                );
+                if members.contains(&me) {
+                    desc.replicas_at > mine
+                } else {
+                    mine > 0 && desc.replicas_at >= mine
+                }
             })
             .map(|s| s.id)
             .collect()
@@ -222,7 +246,9 @@ impl RaftHost {
         let me = self.config.node_id;
         // Asked once before stopping anything: a learner catching up (a move back) is not
         // interrupted every round.
-        if !matches!(self.ask_leader_members(group).await, Some((_, nodes)) if !nodes.contains(&me)) {
+        let first = self.ask_leader_members(group).await;
+        if !matches!(&first, Some((_, nodes)) if !nodes.contains(&me)) {
+            tracing::debug!(group, leader_says = ?first, "a removed replica's leader did not confirm the removal");
             return;
         }
         let lock = self.lifecycle_lock(group);
@@ -282,7 +308,7 @@ impl RaftHost {
             match self.ask_node(group, target, &addr, &ForwardRequest::Members, timeout).await {
                 Ok(ForwardResponse::Members { index, nodes }) => return Some((index, nodes)),
                 Ok(ForwardResponse::NotLeader { leader: Some((id, _)) }) => queue.push(id),
-                _ => {}
+                other => tracing::debug!(group, target, answer = ?other, "no membership from this replica"),
             }
         }
         None

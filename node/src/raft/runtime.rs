@@ -57,10 +57,19 @@ impl<F: Future> Future for Gated<F> {
 }
 
 /// The tasks of one node incarnation. Cheap to clone.
-#[derive(Clone, Default, Debug)]
+#[derive(Clone, Debug)]
 pub struct TaskOwner {
     handles: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
     gate: std::sync::Arc<PauseGate>,
+    /// Every task of the owner runs in this span (the simulator names its nodes with it, so
+    /// log lines say which node wrote them); none by default.
+    span: tracing::Span,
+}
+
+impl Default for TaskOwner {
+    fn default() -> Self {
+        Self { handles: Default::default(), gate: Default::default(), span: tracing::Span::none() }
+    }
 }
 
 impl TaskOwner {
@@ -68,9 +77,14 @@ impl TaskOwner {
         Self::default()
     }
 
+    /// An owner whose tasks log inside a `node` span with this id.
+    pub fn for_node(node: u64) -> Self {
+        Self { span: tracing::info_span!("node", id = node), ..Self::default() }
+    }
+
     /// Runs `f` so that every task it spawns through `spawn` belongs to this owner.
     pub async fn scope<F: Future>(&self, f: F) -> F::Output {
-        OWNER.scope(self.clone(), f).await
+        OWNER.scope(self.clone(), tracing::Instrument::instrument(f, self.span.clone())).await
     }
 
     /// Spawns `f` as a task of this owner.
@@ -79,6 +93,7 @@ impl TaskOwner {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
+        let f = tracing::Instrument::instrument(f, self.span.clone());
         let gated = Gated { inner: Box::pin(OWNER.scope(self.clone(), f)), gate: self.gate.clone() };
         let handle = tokio::task::spawn(gated);
         if let Ok(mut handles) = self.handles.lock() {
