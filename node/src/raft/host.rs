@@ -509,13 +509,19 @@ impl RaftHost {
     /// its next request instead.
     pub fn announce_peer_down(self: &Arc<Self>, down: NodeId, peers: Vec<(NodeId, String)>) {
         self.wake_groups_led_by(down);
+        self.tell_peers(keys::META_GROUP, peers, ForwardRequest::PeerDown { node: down });
+    }
+
+    /// Sends `request` about `group` to each of `peers` in a task of its own, answers
+    /// ignored (best effort: a failure is only logged).
+    fn tell_peers(self: &Arc<Self>, group: GroupId, peers: Vec<(NodeId, String)>, request: ForwardRequest) {
         for (peer, addr) in peers {
             let host = self.clone();
+            let request = request.clone();
             let timeout = self.config.tuning.request_timeout;
             super::runtime::spawn(async move {
-                let request = ForwardRequest::PeerDown { node: down };
-                if let Err(e) = host.ask_node(keys::META_GROUP, peer, &addr, &request, timeout).await {
-                    tracing::debug!(peer, down, error = %e, "could not announce a failed node");
+                if let Err(e) = host.ask_node(group, peer, &addr, &request, timeout).await {
+                    tracing::debug!(group, peer, ?request, error = %e, "a peer did not take a best-effort request");
                 }
             });
         }
@@ -666,15 +672,7 @@ impl RaftHost {
     /// one replica start instead of two in a row (leader, then followers on its heartbeat).
     /// Best effort: a replica not reached starts on that heartbeat anyway.
     fn wake_peers(self: &Arc<Self>, group: GroupId) {
-        for (peer, addr) in self.other_replicas(group) {
-            let host = self.clone();
-            let timeout = self.config.tuning.request_timeout;
-            super::runtime::spawn(async move {
-                if let Err(e) = host.ask_node(group, peer, &addr, &ForwardRequest::Wake, timeout).await {
-                    tracing::debug!(group, peer, error = %e, "could not ask a replica to wake");
-                }
-            });
-        }
+        self.tell_peers(group, self.other_replicas(group), ForwardRequest::Wake);
     }
 
     /// Like `wake`, for raft traffic (not a request: hibernation does not count it).
