@@ -71,6 +71,11 @@ pub struct ElasticArgs {
     /// the fullest and the emptiest node before the placement driver moves one (0: never).
     #[arg(long, env = "FLOE_BALANCE_BAND", default_value_t = PlacementConfig::default().balance_band)]
     pub balance_band: usize,
+    /// A node that has not reported to the meta leader for this long is dead: the placement
+    /// driver re-creates its replicas on other nodes (when there is one without a replica);
+    /// `off` never does (remove the node with `floe ctl node remove ID` instead).
+    #[arg(long, env = "FLOE_DEAD_AFTER", default_value = "5m", value_parser = parse_optional_duration)]
+    pub dead_after: OptionalDuration,
     /// An idle shard hibernates (no messages, no CPU) after this long without requests;
     /// `off` never hibernates.
     #[arg(long, env = "FLOE_HIBERNATE_AFTER", default_value = "30s", value_parser = parse_optional_duration)]
@@ -91,6 +96,7 @@ impl ElasticArgs {
             cooldown: self.split_cooldown,
             replicas: self.replicas,
             balance_band: self.balance_band,
+            dead_after: self.dead_after.0,
             ..PlacementConfig::default()
         }
     }

@@ -52,6 +52,8 @@ struct Inner {
     read_paths: BTreeMap<(&'static str, &'static str), u64>,
     /// Read latency by consistency level.
     read_latency: BTreeMap<&'static str, Histogram>,
+    /// The placement driver's operations by (kind, reason, outcome).
+    placement: BTreeMap<(&'static str, &'static str, &'static str), u64>,
 }
 
 /// A node's request metrics.
@@ -84,6 +86,20 @@ impl Metrics {
         inner.read_paths.iter().filter(|((_, p), _)| *p == path).map(|(_, n)| *n).sum()
     }
 
+    /// Counts one placement-driver operation of `kind` for `reason` that ended with `outcome`
+    /// (`ok`, `failed`, `timed_out`).
+    pub fn observe_placement(&self, kind: &'static str, reason: &'static str, outcome: &'static str) {
+        let Ok(mut inner) = self.inner.lock() else { return };
+        *inner.placement.entry((kind, reason, outcome)).or_default() += 1;
+    }
+
+    /// Placement-driver operations of `kind` (and `reason`, if given) that succeeded.
+    pub fn placement_ok(&self, kind: &str, reason: Option<&str>) -> u64 {
+        let Ok(inner) = self.inner.lock() else { return 0 };
+        let wanted = |(k, r, o): &(&str, &str, &str)| *k == kind && reason.is_none_or(|w| w == *r) && *o == "ok";
+        inner.placement.iter().filter(|(key, _)| wanted(key)).map(|(_, n)| *n).sum()
+    }
+
     /// Records one read's latency (handler time, errors included) by consistency level.
     pub fn observe_read_latency(&self, consistency: &'static str, latency: Duration) {
         let Ok(mut inner) = self.inner.lock() else { return };
@@ -93,8 +109,14 @@ impl Metrics {
     /// Prometheus text exposition format 0.0.4.
     pub fn render(&self, api: &NodeApi) -> String {
         let mut out = String::new();
-        let (requests, latency, read_paths, read_latency) = match self.inner.lock() {
-            Ok(i) => (i.requests.clone(), i.latency.clone(), i.read_paths.clone(), i.read_latency.clone()),
+        let (requests, latency, read_paths, read_latency, placement) = match self.inner.lock() {
+            Ok(i) => (
+                i.requests.clone(),
+                i.latency.clone(),
+                i.read_paths.clone(),
+                i.read_latency.clone(),
+                i.placement.clone(),
+            ),
             Err(_) => Default::default(),
         };
         let _ = writeln!(out, "# HELP floe_requests_total Requests handled, by operation and outcome code.");
@@ -121,6 +143,18 @@ impl Metrics {
         let _ = writeln!(out, "# TYPE floe_read_duration_seconds histogram");
         for (consistency, h) in &read_latency {
             h.render(&mut out, "floe_read_duration_seconds", "consistency", consistency);
+        }
+        let _ = writeln!(
+            out,
+            "# HELP floe_placement_operations_total Operations the placement driver ran on this node (as \
+             meta leader), by kind (split, merge, move, transfer), reason and outcome (ok, failed, timed_out)."
+        );
+        let _ = writeln!(out, "# TYPE floe_placement_operations_total counter");
+        for ((kind, reason, outcome), n) in &placement {
+            let _ = writeln!(
+                out,
+                "floe_placement_operations_total{{kind=\"{kind}\",reason=\"{reason}\",outcome=\"{outcome}\"}} {n}"
+            );
         }
         let host = api.host();
         let _ = writeln!(

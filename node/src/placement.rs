@@ -1,9 +1,13 @@
 //! The placement driver's decisions: a pure function from a cluster snapshot to operations.
 //!
-//! Owns: the split rules (by load: a shard whose request rate stays above `split_qps`, split
-//! at the median of its sampled request keys so the load halves; by size: above
-//! `split_bytes`, split at its middle key), the merge rule (two adjacent shards, both cold
-//! and small, on the same replicas) and their bounds per round. It runs on the meta leader
+//! Owns: the re-replication rule (a replica on a dead node is re-created on the live node
+//! with the fewest replicas that holds none of that shard; first, because a shard short of a
+//! replica is one failure from losing its quorum), the split rules (by load: a shard whose
+//! request rate stays above `split_qps`, split at the median of its sampled request keys so
+//! the load halves; by size: above `split_bytes`, split at its middle key), the merge rule
+//! (two adjacent shards, both cold and small, on the same replicas), the balance rules
+//! (replica and leader counts per node within `balance_band`) and their bounds per round;
+//! and `RangeChanges`, which dates each shard's last range change for the cooldown. It runs on the meta leader
 //! (`api::elastic`), which gathers the snapshot and carries the operations out.
 //!
 //! Invariants: no I/O, no clock (time comes in the snapshot), no randomness; a shard gets at
@@ -14,6 +18,7 @@ use crate::catalog::ShardDesc;
 use crate::raft::types::{GroupId, NodeId};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
+use tokio::time::Instant;
 
 /// Thresholds of the elastic behaviour (config keys `split_qps`, `split_bytes`, `merge_qps`,
 /// `merge_bytes`; `hibernate_after` lives in the raft tuning).
@@ -37,6 +42,9 @@ pub struct PlacementConfig {
     /// Balance: replicas (and, separately, leaders) per node may differ by this many
     /// between the fullest and the emptiest node before one moves. 0 disables balancing.
     pub balance_band: usize,
+    /// A node that sent no load report for this long is dead: its replicas are re-created
+    /// elsewhere. `None` never re-replicates (an operator removes the node instead).
+    pub dead_after: Option<Duration>,
 }
 
 impl Default for PlacementConfig {
@@ -50,6 +58,9 @@ impl Default for PlacementConfig {
             operations_per_round_max: 4,
             replicas: 3,
             balance_band: 2,
+            // As CockroachDB's `server.time_until_store_dead`: long enough that a restart or
+            // a short partition copies nothing.
+            dead_after: Some(Duration::from_secs(300)),
         }
     }
 }
@@ -66,17 +77,53 @@ pub struct ShardView {
     pub sample: Vec<Vec<u8>>,
     /// Its middle key by size, when the snapshot computed one (large shards only).
     pub middle_key: Option<Vec<u8>>,
-    /// How long ago its range last changed (as far as the driver knows).
+    /// How long ago its range last changed (as far as the driver knows; `RangeChanges`).
     pub since_change: Duration,
 }
 
 /// The nodes as the driver sees them.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct NodesView {
-    /// Live member nodes (removed ones are not listed).
+    /// Live member nodes (removed ones, and ones that stopped reporting, are not listed).
     pub nodes: Vec<NodeId>,
+    /// Members silent for `dead_after` (their replicas are re-created elsewhere).
+    pub dead: BTreeSet<NodeId>,
     /// Each active shard's leader, as the nodes reported it (hibernated shards have none).
     pub leaders: BTreeMap<GroupId, NodeId>,
+}
+
+/// When the driver first saw each shard at its current epoch: its range changed then (a
+/// split or merge gives the shard a new epoch). Sets each view's `since_change`.
+#[derive(Debug, Default)]
+pub struct RangeChanges {
+    /// `None`: already there on the first round as leader (settled).
+    first_seen: BTreeMap<(GroupId, u64), Option<Instant>>,
+    /// False until the first round after `clear` (this node just became meta leader).
+    started: bool,
+}
+
+impl RangeChanges {
+    /// Stamps `views` as of `now`: a (shard, epoch) not seen before changed now, except on
+    /// the first round as leader, when nothing is known to have changed recently (settled).
+    /// Forgets shards no longer listed.
+    pub fn stamp(&mut self, views: &mut [ShardView], now: Instant) {
+        let unseen = self.started.then_some(now);
+        self.started = true;
+        let mut current = BTreeSet::new();
+        for v in views.iter_mut() {
+            let key = (v.desc.id, v.desc.epoch);
+            current.insert(key);
+            let at = *self.first_seen.entry(key).or_insert(unseen);
+            v.since_change = at.map_or(Duration::MAX, |at| now.saturating_duration_since(at));
+        }
+        self.first_seen.retain(|k, _| current.contains(k));
+    }
+
+    /// This node stopped leading the meta group: the next round starts afresh.
+    pub fn clear(&mut self) {
+        self.first_seen.clear();
+        self.started = false;
+    }
 }
 
 /// What the driver wants done.
@@ -108,6 +155,26 @@ pub enum Action {
     },
 }
 
+impl Action {
+    /// The operation's name in metrics and logs: `split`, `merge`, `move` or `transfer`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Action::Split { .. } => "split",
+            Action::Merge { .. } => "merge",
+            Action::Move { .. } => "move",
+            Action::TransferLeader { .. } => "transfer",
+        }
+    }
+
+    /// Why the driver chose it (`load`, `size`, `cold`, `balance`, `re-replicate`, ...).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Action::Split { reason, .. } | Action::Merge { reason, .. } | Action::Move { reason, .. } => reason,
+            Action::TransferLeader { .. } => "balance",
+        }
+    }
+}
+
 fn strictly_inside(desc: &ShardDesc, key: &[u8]) -> bool {
     key > desc.start.as_slice() && (desc.end.is_empty() || key < desc.end.as_slice())
 }
@@ -126,6 +193,7 @@ fn load_split_key(view: &ShardView) -> Option<Vec<u8>> {
 pub fn plan(shards: &[ShardView], nodes: &NodesView, config: &PlacementConfig) -> Vec<Action> {
     let mut actions = Vec::new();
     let mut busy = BTreeSet::new();
+    plan_re_replication(shards, nodes, config, &mut actions, &mut busy);
     plan_splits_and_merges(shards, config, &mut actions, &mut busy);
     if actions.len() < config.operations_per_round_max {
         actions.extend(plan_replica_balance(shards, nodes, config, &busy));
@@ -158,6 +226,53 @@ fn out_of_band(counts: &BTreeMap<NodeId, usize>, band: usize) -> Option<(NodeId,
 /// The cheapest shard to act on among `candidates`: coldest, then smallest, then lowest id.
 fn cheapest<'a>(candidates: impl Iterator<Item = &'a ShardView>) -> Option<&'a ShardView> {
     candidates.min_by(|a, b| a.qps.total_cmp(&b.qps).then(a.bytes.cmp(&b.bytes)).then(a.desc.id.cmp(&b.desc.id)))
+}
+
+/// For each shard with a replica on a dead node (up to the round's bound), a move of that
+/// replica to the live node with the fewest replicas that holds none of the shard (ties: the
+/// lower id). Counts are updated as moves are planned, so one round spreads them. A shard
+/// with no such node keeps its replica on the dead node (it may come back). A shard that
+/// has its full count of live replicas besides the dead one (a move cut short after adding
+/// the new replica) gets a move to one of those, which only removes the dead replica.
+/// Cooldowns do not apply: a missing replica is a durability risk, not a load decision.
+fn plan_re_replication(
+    shards: &[ShardView],
+    nodes: &NodesView,
+    config: &PlacementConfig,
+    actions: &mut Vec<Action>,
+    busy: &mut BTreeSet<GroupId>,
+) {
+    if nodes.dead.is_empty() {
+        return;
+    }
+    let mut counts = tally(nodes, shards.iter().flat_map(|s| s.desc.replicas.iter().copied()));
+    let mut by_id: Vec<&ShardView> = shards.iter().collect();
+    by_id.sort_by_key(|s| s.desc.id);
+    for view in by_id {
+        if actions.len() >= config.operations_per_round_max {
+            return;
+        }
+        let Some(&from) = view.desc.replicas.iter().find(|r| nodes.dead.contains(r)) else { continue };
+        let alive: Vec<NodeId> = view.desc.replicas.iter().copied().filter(|r| !nodes.dead.contains(r)).collect();
+        let to = if alive.len() >= config.replicas {
+            // Already re-created (a move cut short after its add): the move to a replica the
+            // shard has only removes the dead one.
+            alive.iter().copied().max()
+        } else {
+            let target = counts
+                .iter()
+                .filter(|(n, _)| !view.desc.replicas.contains(n) && !nodes.dead.contains(n))
+                .min_by_key(|(n, c)| (**c, **n))
+                .map(|(n, _)| *n);
+            if let Some(to) = target {
+                *counts.entry(to).or_default() += 1;
+            }
+            target
+        };
+        let Some(to) = to else { continue };
+        busy.insert(view.desc.id);
+        actions.push(Action::Move { shard: view.desc.id, from, to, reason: "re-replicate" });
+    }
 }
 
 /// At most one replica move per round (a move copies a shard): from the node with the most
@@ -356,7 +471,7 @@ mod tests {
     }
 
     fn nodes(ids: &[NodeId], leaders: &[(GroupId, NodeId)]) -> NodesView {
-        NodesView { nodes: ids.to_vec(), leaders: leaders.iter().copied().collect() }
+        NodesView { nodes: ids.to_vec(), leaders: leaders.iter().copied().collect(), dead: BTreeSet::new() }
     }
 
     fn balance_config() -> PlacementConfig {
@@ -393,6 +508,79 @@ mod tests {
         let spread = nodes(&[1, 2, 3], &[(1, 1), (2, 2), (3, 3), (4, 1)]);
         assert_eq!(plan(&shards, &spread, &balance_config()), vec![], "2/1/1 is within a band of 1");
         assert_eq!(plan(&shards, &all_on_1, &PlacementConfig { balance_band: 0, ..balance_config() }), vec![]);
+    }
+
+    #[test]
+    fn a_dead_nodes_replicas_are_re_created_on_the_emptiest_live_nodes_first() {
+        // Nodes 1-5; node 2 is dead (not live, listed dead). Shards 1-3 are on 1,2,3; shard 4
+        // on 1,3,4 and shard 5 on 2,4,5.
+        let mut shards: Vec<ShardView> = (1..=5u64).map(|i| view(i, &[i as u8], &[i as u8 + 1], 10.0, 100)).collect();
+        shards[3].desc.replicas = vec![1, 3, 4];
+        shards[4].desc.replicas = vec![2, 4, 5];
+        // A hot shard would split, but re-replication comes first and the shard is busy.
+        shards[0].qps = 1_000.0;
+        shards[0].sample = vec![vec![1, 5]; 3];
+        let mut live = nodes(&[1, 3, 4, 5], &[]);
+        live.dead = BTreeSet::from([2]);
+        let config = PlacementConfig { split_qps: 100.0, ..balance_config() };
+        let moves = |to: &[(GroupId, NodeId)]| -> Vec<Action> {
+            to.iter().map(|&(shard, to)| Action::Move { shard, from: 2, to, reason: "re-replicate" }).collect()
+        };
+        // Replicas on live nodes: node 1 and 3 hold 4 each, node 4 two, node 5 one. Shard 1
+        // goes to node 5 (then 2), shard 2 to node 4 (2 each: the lower id; then 3), shard 3 to
+        // node 5, shard 5 (already on 4 and 5) to node 1 (4 each with node 3: the lower id).
+        // The round's bound (4) is then used up: the hot shard does not split this round.
+        assert_eq!(plan(&shards, &live, &config), moves(&[(1, 5), (2, 4), (3, 5), (5, 1)]));
+        // A smaller bound stops early; the hot shard waits for a later round.
+        let two = PlacementConfig { operations_per_round_max: 2, ..config.clone() };
+        assert_eq!(plan(&shards, &live, &two), moves(&[(1, 5), (2, 4)]));
+        // Only three live nodes, all holding the shard: nothing to re-create it on.
+        let mut small = nodes(&[1, 3], &[]);
+        small.dead = BTreeSet::from([2]);
+        let first_three = &shards[1..3];
+        assert_eq!(plan(first_three, &small, &config), vec![]);
+        // Shard 5's move was cut short after node 1 joined: the re-run only drops node 2.
+        let mut cut_short = shards.clone();
+        cut_short[4].desc.replicas = vec![1, 2, 4, 5];
+        assert_eq!(plan(&cut_short[4..], &live, &config), moves(&[(5, 5)]));
+        // Nobody dead: the hot shard splits.
+        assert_eq!(
+            plan(&shards, &nodes(&[1, 2, 3, 4, 5], &[]), &PlacementConfig { balance_band: 0, ..config }),
+            vec![Action::Split { shard: 1, expected_epoch: 3, key: vec![1, 5], reason: "load" }]
+        );
+    }
+
+    #[test]
+    fn a_shard_whose_range_just_changed_waits_out_the_cooldown() {
+        let mut changes = RangeChanges::default();
+        let t0 = Instant::now();
+        let config = PlacementConfig { cooldown: Duration::from_secs(10), ..config() };
+        let hot = |epoch: u64| {
+            let mut v = view(1, b"a", b"z", 500.0, 10);
+            v.desc.epoch = epoch;
+            v.sample = [b"m1", b"m2", b"m3"].iter().map(|k| k.to_vec()).collect();
+            v
+        };
+        // First round as leader: shards are settled, the hot one splits.
+        let mut views = vec![hot(3)];
+        changes.stamp(&mut views, t0);
+        assert_eq!(plan(&views, &NodesView::default(), &config).len(), 1);
+        // Next round the split applied (new epoch): its load window still counts the old
+        // range, so it waits the cooldown (a bug planned on the new epoch at once, because the
+        // view was built before the epoch was recorded: a hot range split every second).
+        let mut views = vec![hot(4)];
+        changes.stamp(&mut views, t0 + Duration::from_secs(1));
+        assert_eq!(views[0].since_change, Duration::ZERO);
+        assert_eq!(plan(&views, &NodesView::default(), &config), vec![]);
+        let mut views = vec![hot(4)];
+        changes.stamp(&mut views, t0 + Duration::from_secs(11));
+        assert_eq!(views[0].since_change, Duration::from_secs(10));
+        assert_eq!(plan(&views, &NodesView::default(), &config).len(), 1);
+        // A new meta leader starts settled again.
+        changes.clear();
+        let mut views = vec![hot(5)];
+        changes.stamp(&mut views, t0 + Duration::from_secs(12));
+        assert!(views[0].since_change >= config.cooldown);
     }
 
     #[test]

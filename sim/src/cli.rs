@@ -172,7 +172,7 @@ pub fn run_seeds(args: &RunArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
         fault_total += report.faults;
         writeln!(
             out,
-            "seed {seed}: trace-hash: {:016x} events {} ops ok/fail/unknown {}/{}/{} eventual/bounded reads {}/{} bank transfers/reads {}/{} splits/merges/transfers/moves {}/{}/{}/{} reads via replica {} hibernations {} faults {} sim {:.1}s wall {:.2}s verdict {:?}",
+            "seed {seed}: trace-hash: {:016x} events {} ops ok/fail/unknown {}/{}/{} eventual/bounded reads {}/{} bank transfers/reads {}/{} splits/merges/transfers/moves {}/{}/{}/{} reads via replica {} hibernations {} driver splits/merges/moves/re-replications/transfers {}/{}/{}/{}/{} faults {} sim {:.1}s wall {:.2}s verdict {:?}",
             report.trace_hash,
             report.trace_events,
             report.ops_ok,
@@ -186,8 +186,13 @@ pub fn run_seeds(args: &RunArgs, out: &mut dyn Write) -> anyhow::Result<bool> {
             report.merges,
             report.transfers,
             report.moves,
-            report.reads_via_replica,
+            report.counters.reads_via_replica,
             report.hibernations,
+            report.counters.driver_splits,
+            report.counters.driver_merges,
+            report.counters.driver_moves,
+            report.counters.driver_re_replications,
+            report.counters.driver_transfers,
             report.faults,
             report.sim_time.as_secs_f64(),
             report.wall_time.as_secs_f64(),

@@ -52,8 +52,47 @@ pub struct SimNode {
     pub disk_latency_us: Arc<std::sync::atomic::AtomicU64>,
     pub running: Option<Incarnation>,
     config: NodeConfig,
-    /// Reads this node's earlier incarnations sent to another node's replica.
-    reads_via_replica: u64,
+    /// What this node's earlier incarnations counted.
+    past: NodeCounters,
+}
+
+/// Counters read from a node's metrics, summed over its incarnations (a crash loses a
+/// process's counters; the simulator keeps them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeCounters {
+    /// Reads sent to another node's replica (the node asked had none).
+    pub reads_via_replica: u64,
+    /// The placement driver's operations that succeeded (on whichever node led the meta
+    /// group): splits, merges, replica moves (every reason), the moves among them that
+    /// re-created a dead node's replica, and leader transfers.
+    pub driver_splits: u64,
+    pub driver_merges: u64,
+    pub driver_moves: u64,
+    pub driver_re_replications: u64,
+    pub driver_transfers: u64,
+}
+
+impl NodeCounters {
+    fn of(api: &NodeApi) -> Self {
+        let m = &api.metrics;
+        Self {
+            reads_via_replica: m.read_path_total("replica"),
+            driver_splits: m.placement_ok("split", None),
+            driver_merges: m.placement_ok("merge", None),
+            driver_moves: m.placement_ok("move", None),
+            driver_re_replications: m.placement_ok("move", Some("re-replicate")),
+            driver_transfers: m.placement_ok("transfer", None),
+        }
+    }
+
+    fn add(&mut self, other: &Self) {
+        self.reads_via_replica += other.reads_via_replica;
+        self.driver_splits += other.driver_splits;
+        self.driver_merges += other.driver_merges;
+        self.driver_moves += other.driver_moves;
+        self.driver_re_replications += other.driver_re_replications;
+        self.driver_transfers += other.driver_transfers;
+    }
 }
 
 /// The simulated cluster.
@@ -78,7 +117,12 @@ fn node_config(id: u64, count: u64, hibernate_after: Option<std::time::Duration>
             hibernate_after,
             ..RaftTuning::default()
         },
-        placement: floe_node::placement::PlacementConfig::default(),
+        placement: floe_node::placement::PlacementConfig {
+            // A node silent this long (a crash or an isolation of a few seconds) is dead: with
+            // more nodes than replicas, the driver re-creates its replicas elsewhere.
+            dead_after: Some(floe_node::liveness::DOWN_AFTER),
+            ..floe_node::placement::PlacementConfig::default()
+        },
     }
 }
 
@@ -95,7 +139,7 @@ impl SimCluster {
                         disk_latency_us: Arc::default(),
                         running: None,
                         config: node_config(id, count, hibernate_after),
-                        reads_via_replica: 0,
+                        past: NodeCounters::default(),
                     },
                 )
             })
@@ -146,7 +190,7 @@ impl SimCluster {
         self.net.detach(id);
         let Some(node) = self.nodes.get_mut(&id) else { return };
         if let Some(inc) = node.running.take() {
-            node.reads_via_replica += inc.api.metrics.read_path_total("replica");
+            node.past.add(&NodeCounters::of(&inc.api));
             // A hard kill: no task of the incarnation runs another step, nothing is flushed.
             inc.dead.raise();
             let _ = inc.stop.send(true);
@@ -177,11 +221,16 @@ impl SimCluster {
         })
     }
 
-    /// Reads any node served through another node's replica (it had none), over every
-    /// incarnation so far.
-    pub fn reads_via_replica(&self) -> u64 {
-        let running = |n: &SimNode| n.running.as_ref().map_or(0, |i| i.api.metrics.read_path_total("replica"));
-        self.nodes.values().map(|n| n.reads_via_replica + running(n)).sum()
+    /// Every node's counters over every incarnation so far.
+    pub fn counters(&self) -> NodeCounters {
+        let mut total = NodeCounters::default();
+        for node in self.nodes.values() {
+            total.add(&node.past);
+            if let Some(inc) = &node.running {
+                total.add(&NodeCounters::of(&inc.api));
+            }
+        }
+        total
     }
 
     pub fn is_up(&self, id: u64) -> bool {

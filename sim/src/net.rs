@@ -9,7 +9,7 @@
 //! replays exactly; forwarded client requests are never duplicated (TCP does not duplicate
 //! application messages; raft messages are duplicated to test idempotence).
 
-use crate::trace::{fnv1a, Trace};
+use crate::trace::{digest, Trace};
 use floe_node::raft::runtime::TaskOwner;
 use floe_node::transport::{Envelope, Inbound, RpcKind, Transport, TransportError};
 use futures::future::BoxFuture;
@@ -151,21 +151,21 @@ impl SimNet {
         deliver: F,
     ) -> Result<Vec<u8>, TransportError>
     where
-        F: Fn(Arc<dyn Inbound>) -> BoxFuture<'static, Result<Vec<u8>, String>>,
+        F: FnOnce(Arc<dyn Inbound>) -> BoxFuture<'static, Result<Vec<u8>, String>>,
     {
         let (from, to, group) = (env.from_node, env.to_node, env.group_id);
-        let label = format!("{what} {from}->{to} g{group} h{bytes:x}");
+        let label = Label { what, from, to, group, bytes };
         let Fate::Deliver(delay) = self.fate(from, to) else {
-            self.trace.record(&format!("lose-req {label}"));
+            self.trace.record_args(format_args!("lose-req {label}"));
             tokio::time::sleep(timeout).await;
             return Err(TransportError::Timeout(timeout));
         };
         tokio::time::sleep(delay).await;
         let Some((inbound, owner)) = self.target(to) else {
-            self.trace.record(&format!("refused {label}"));
+            self.trace.record_args(format_args!("refused {label}"));
             return Err(TransportError::Unreachable(format!("node {to} is down")));
         };
-        self.trace.record(&format!("deliver {label}"));
+        self.trace.record_args(format_args!("deliver {label}"));
         // The handler runs as a task of the receiving node: if that node is killed while
         // handling, the task dies with it and the caller sees a broken connection.
         let handler = owner.spawn(deliver(inbound));
@@ -175,13 +175,30 @@ impl SimNet {
             Err(_) => return Err(TransportError::Timeout(timeout)),
         };
         let Fate::Deliver(back) = self.fate(to, from) else {
-            self.trace.record(&format!("lose-reply {label}"));
+            self.trace.record_args(format_args!("lose-reply {label}"));
             tokio::time::sleep(timeout.saturating_sub(delay)).await;
             return Err(TransportError::Timeout(timeout));
         };
         tokio::time::sleep(back).await;
-        self.trace.record(&format!("reply {label} ok={}", reply.is_ok()));
+        self.trace.record_args(format_args!("reply {label} ok={}", reply.is_ok()));
         reply.map_err(TransportError::Refused)
+    }
+}
+
+/// How a message appears in the trace: kind, link, group and body digest.
+#[derive(Clone, Copy)]
+struct Label {
+    what: &'static str,
+    from: u64,
+    to: u64,
+    group: u64,
+    bytes: u64,
+}
+
+impl std::fmt::Display for Label {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Label { what, from, to, group, bytes } = self;
+        write!(f, "{what} {from}->{to} g{group} h{bytes:x}")
     }
 }
 
@@ -205,22 +222,17 @@ impl Transport for SimTransport {
             if id_of(&addr) != Some(envelope.to_node) {
                 return Err(TransportError::Unreachable(format!("no simulated node at {addr:?}")));
             }
-            let digest = fnv1a(0, &payload);
+            let body = digest(&payload);
             if net.duplicate(kind) {
                 let (net2, env2, payload2) = (net.clone(), envelope.clone(), payload.clone());
                 tokio::spawn(async move {
                     let _ = net2
-                        .exchange(env2.clone(), "dup", digest, timeout, move |ib| {
-                            ib.handle(env2.clone(), kind, payload2.clone())
-                        })
+                        .exchange(env2.clone(), "dup", body, timeout, move |ib| ib.handle(env2, kind, payload2))
                         .await;
                 });
             }
             let env = envelope.clone();
-            net.exchange(envelope, kind_name(kind), digest, timeout, move |ib| {
-                ib.handle(env.clone(), kind, payload.clone())
-            })
-            .await
+            net.exchange(envelope, kind_name(kind), body, timeout, move |ib| ib.handle(env, kind, payload)).await
         })
     }
 
@@ -234,12 +246,9 @@ impl Transport for SimTransport {
     ) -> BoxFuture<'static, Result<Vec<u8>, TransportError>> {
         let net = self.net.clone();
         Box::pin(async move {
-            let digest = fnv1a(fnv1a(0, &header), &data);
+            let body = digest(&header) ^ digest(&data).rotate_left(1);
             let env = envelope.clone();
-            net.exchange(envelope, "snapshot", digest, timeout, move |ib| {
-                ib.handle_snapshot(env.clone(), header.clone(), data.clone())
-            })
-            .await
+            net.exchange(envelope, "snapshot", body, timeout, move |ib| ib.handle_snapshot(env, header, data)).await
         })
     }
 }

@@ -156,9 +156,11 @@ pub struct RunReport {
     pub transfers: u64,
     /// Replica moves the fault loop asked for that completed.
     pub moves: u64,
-    /// Reads served through another node's replica (the node asked had none).
-    pub reads_via_replica: u64,
     pub hibernations: u64,
+    /// From the nodes' metrics: reads served through another node's replica (the node asked
+    /// had none), and what the placement driver did by itself (splits, merges, moves,
+    /// re-replications of a dead node's replicas, leader transfers).
+    pub counters: crate::cluster::NodeCounters,
 }
 
 #[derive(Default)]
@@ -340,7 +342,7 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
         }
     }
     let verdict = if violations.is_empty() { check.verdict() } else { Verdict::NotLinearizable };
-    let reads_via_replica = cluster.lock().await.reads_via_replica();
+    let counters = cluster.lock().await.counters();
     {
         let mut c = cluster.lock().await;
         for id in ids {
@@ -370,8 +372,8 @@ async fn simulate(config: RunConfig) -> Result<RunReport, String> {
         merges: elastic.merges.load(std::sync::atomic::Ordering::Relaxed),
         transfers: elastic.transfers.load(std::sync::atomic::Ordering::Relaxed),
         moves: elastic.moves.load(std::sync::atomic::Ordering::Relaxed),
-        reads_via_replica,
         hibernations: hibernations.load(std::sync::atomic::Ordering::Relaxed),
+        counters,
     })
 }
 

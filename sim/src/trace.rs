@@ -4,6 +4,7 @@
 //! Invariant: only structured, deterministic facts go in (no wall time, no pointers, no
 //! hash-map order); the same seed on the same build yields the same hash.
 
+use std::fmt::{self, Write as _};
 use std::sync::Mutex;
 
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
@@ -16,6 +17,30 @@ pub fn fnv1a(mut hash: u64, bytes: &[u8]) -> u64 {
         hash = hash.wrapping_mul(FNV_PRIME);
     }
     hash
+}
+
+/// A digest of a message body for the trace: FNV-style over 8-byte words (then the tail
+/// bytewise), an eighth of `fnv1a`'s multiplications; bodies are hashed on every delivery.
+pub fn digest(bytes: &[u8]) -> u64 {
+    let mut hash = FNV_OFFSET;
+    let mut words = bytes.chunks_exact(8);
+    for word in &mut words {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        hash ^= u64::from_le_bytes(w);
+        hash = hash.wrapping_mul(FNV_PRIME);
+    }
+    fnv1a(hash, words.remainder())
+}
+
+/// Feeds formatted text straight into the hash (no string is built).
+struct HashWriter(u64);
+
+impl fmt::Write for HashWriter {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        self.0 = fnv1a(self.0, s.as_bytes());
+        Ok(())
+    }
 }
 
 /// One entry of the human timeline (`floe-sim replay --html`).
@@ -53,12 +78,20 @@ impl Trace {
 
     /// Records one event line (prefixed with the simulated time).
     pub fn record(&self, line: &str) {
-        let stamped = format!("{} {line}\n", self.now_us());
+        self.record_args(format_args!("{line}"));
+    }
+
+    /// `record` of formatted text, hashed as it is formatted (events are recorded for every
+    /// message: building a string for each cost the simulator about 6 % of its time).
+    pub fn record_args(&self, line: fmt::Arguments<'_>) {
+        let now = self.now_us();
         if self.echo {
-            eprint!("{stamped}");
+            eprintln!("{now} {line}");
         }
         if let Ok(mut g) = self.inner.lock() {
-            g.0 = fnv1a(g.0, stamped.as_bytes());
+            let mut hasher = HashWriter(g.0);
+            let _ = writeln!(hasher, "{now} {line}");
+            g.0 = hasher.0;
             g.1 += 1;
         }
     }

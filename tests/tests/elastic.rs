@@ -238,6 +238,21 @@ async fn manual_split() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A cluster of `nodes` started with `args`, with documents `a`..`f` in collection `users`,
+/// split so each is the first document of its own shard.
+async fn six_shards(nodes: usize, args: &[&str]) -> anyhow::Result<(Cluster, Client, [&'static str; 6])> {
+    let cluster = Cluster::start_with_args(nodes, args).await.context("start cluster")?;
+    let client = client_for(&cluster.grpc_endpoints())?;
+    ensure_collection(&client, "users").await?;
+    let users = client.collection("users");
+    let ids = ["a", "b", "c", "d", "e", "f"];
+    for id in ids {
+        users.put(id, &json!({ "id": id })).await?;
+    }
+    client.split_at("users", &ids[1..]).await.context("split into six shards")?;
+    Ok((cluster, client, ids))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_failed_nodes_hibernated_shards_elect_a_new_leader_before_any_request() {
     bounded(peer_failure_wakes()).await;
@@ -249,16 +264,8 @@ async fn a_failed_nodes_hibernated_shards_elect_a_new_leader_before_any_request(
 /// reads back strongly through a survivor.
 async fn peer_failure_wakes() -> anyhow::Result<()> {
     let args = ["--split-qps", "0", "--merge-qps", "0", "--balance-band", "0", "--hibernate-after", "2s"];
-    let mut cluster = Cluster::start_with_args(3, &args).await.context("start cluster")?;
+    let (mut cluster, client, ids) = six_shards(3, &args).await?;
     let endpoints = cluster.grpc_endpoints();
-    let client = client_for(&endpoints)?;
-    ensure_collection(&client, "users").await?;
-    let users = client.collection("users");
-    let ids = ["a", "b", "c", "d", "e", "f"];
-    for id in ids {
-        users.put(id, &json!({ "id": id })).await?;
-    }
-    client.split_at("users", &ids[1..]).await.context("split into six shards")?;
 
     // Every shard hibernates; pick the node that led most of them.
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -339,6 +346,103 @@ async fn peer_failure_wakes() -> anyhow::Result<()> {
         assert_eq!(doc.map(|d| d.value["id"].clone()), Some(json!(id)), "{id} reads back");
         let ms = started.elapsed().as_millis();
         assert!(ms < 2_000, "a strong read of {id} took {ms} ms after the shards woke");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_nodes_replicas_are_re_created_on_the_other_nodes() {
+    bounded(dead_node_re_replication()).await;
+}
+
+/// Four nodes, six shards on nodes 1-3 (a replication factor of 3), all hibernating. Node 3 is
+/// killed and stays down past `--dead-after`: the placement driver re-creates each of its
+/// replicas on node 4 (the only live node without one), waking the shards node 3 only
+/// followed too. Every document then reads back strongly and takes a write with node 3 still
+/// down, and still does with node 1 down as well (nodes 2 and 4 are a quorum of every shard).
+async fn dead_node_re_replication() -> anyhow::Result<()> {
+    let args = [
+        "--split-qps",
+        "0",
+        "--merge-qps",
+        "0",
+        "--balance-band",
+        "0",
+        "--hibernate-after",
+        "2s",
+        "--dead-after",
+        "6s",
+    ];
+    let (mut cluster, client, ids) = six_shards(4, &args).await?;
+    let endpoints = cluster.grpc_endpoints();
+    let on = |replicas: &[u64]| {
+        let mut r = replicas.to_vec();
+        r.sort_unstable();
+        r
+    };
+    // The children's replica lists reach the catalog with their leaders' reports.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        let status = client.cluster_status().await?;
+        if status.shards.len() == ids.len() && status.shards.iter().all(|s| on(&s.replicas) == vec![1, 2, 3]) {
+            break status;
+        }
+        if Instant::now() > deadline {
+            bail!("the six shards are not listed on nodes 1-3: {:?}", status.shards);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let shard_ids: Vec<u64> = status.shards.iter().map(|s| s.id).collect();
+    // Let the shards fall asleep: the ones node 3 only followed then have nobody awake to
+    // notice it is gone.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let victim = 3;
+    cluster.node_mut(victim)?.process.kill9()?;
+    let killed = Instant::now();
+    let survivors: Vec<String> = [1u64, 2, 4].iter().map(|n| endpoints[*n as usize - 1].clone()).collect();
+    let pinned = client_for(&survivors)?;
+    let deadline = killed + Duration::from_secs(90);
+    loop {
+        let status = pinned.cluster_status().await;
+        let moved = status.as_ref().is_ok_and(|st| {
+            st.shards.len() == shard_ids.len() && st.shards.iter().all(|s| on(&s.replicas) == vec![1, 2, 4])
+        });
+        if moved {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("node {victim}'s replicas not re-created 90 s after it died: {status:?}\n{}", cluster.log_tails());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    eprintln!(
+        "node {victim} killed; all {} shards had replicas on nodes 1, 2, 4 {} ms later (dead after 6 s)",
+        shard_ids.len(),
+        killed.elapsed().as_millis()
+    );
+    // Whichever node led the meta group ran the moves.
+    let mut re_replicated = 0u64;
+    for node in [1u64, 2, 4] {
+        let url = cluster.node_mut(node)?.process.http_url("/metrics");
+        let metrics = floe_tests::http_client().get(url).send().await?.text().await?;
+        let ok = "floe_placement_operations_total{kind=\"move\",reason=\"re-replicate\",outcome=\"ok\"} ";
+        re_replicated += metrics.lines().filter_map(|l| l.strip_prefix(ok)?.trim().parse::<u64>().ok()).sum::<u64>();
+    }
+    assert!(re_replicated >= shard_ids.len() as u64, "re-replication moves counted: {re_replicated}");
+
+    // Node 3 still down: each shard has its three replicas on the live nodes.
+    for id in ids {
+        let doc: Option<Document<Value>> = pinned.collection("users").get_with(id, ReadConsistency::Strong).await?;
+        assert_eq!(doc.map(|d| d.value["id"].clone()), Some(json!(id)), "{id} reads back");
+        pinned.collection("users").put(id, &json!({ "id": id, "after": true })).await?;
+    }
+    // Only nodes 1, 2 and 4 hold a shard now: stopping node 1 too leaves two of three.
+    cluster.node_mut(1)?.process.kill9()?;
+    let two = client_for(&[endpoints[1].clone(), endpoints[3].clone()])?;
+    for id in ids {
+        let doc: Option<Document<Value>> = two.collection("users").get_with(id, ReadConsistency::Strong).await?;
+        assert_eq!(doc.map(|d| d.value["after"].clone()), Some(json!(true)), "{id} reads its last write");
     }
     Ok(())
 }

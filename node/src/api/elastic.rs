@@ -16,7 +16,7 @@ use super::{ApiError, NodeApi};
 use crate::catalog::{CatalogCommand, CatalogResponse, MergeIntent, MergeState, ShardDesc};
 use crate::keys;
 use crate::liveness::{self, Liveness};
-use crate::placement::{self, Action, NodesView, ShardView};
+use crate::placement::{self, Action, NodesView, RangeChanges, ShardView};
 use crate::raft::host::ForwardRequest;
 use crate::raft::types::{Command, CommandResponse, GroupId, SplitDone};
 use crate::shard::{GroupState, MergeRefused, SplitAt, SplitRefused};
@@ -374,11 +374,7 @@ impl NodeApi {
     }
 
     /// The placement driver's snapshot of every shard.
-    fn placement_view(
-        &self,
-        changed: &BTreeMap<(GroupId, u64), tokio::time::Instant>,
-        sizes: &mut SizeCache,
-    ) -> Result<Vec<ShardView>, ApiError> {
+    fn placement_view(&self, sizes: &mut SizeCache) -> Result<Vec<ShardView>, ApiError> {
         let load = self.host.cluster_load();
         let now = tokio::time::Instant::now();
         let config = &self.placement;
@@ -396,15 +392,14 @@ impl NodeApi {
             let middle_key =
                 if config.split_bytes > 0 && bytes > config.split_bytes { self.middle_key(desc)? } else { None };
             let shard_load = load.get(&desc.id).cloned().unwrap_or_default();
-            let since_change =
-                changed.get(&(desc.id, desc.epoch)).map_or(Duration::MAX, |at| now.saturating_duration_since(*at));
             views.push(ShardView {
                 desc: desc.clone(),
                 qps: shard_load.qps,
                 bytes,
                 sample: shard_load.sample,
                 middle_key,
-                since_change,
+                // Set by `RangeChanges::stamp`.
+                since_change: Duration::ZERO,
             });
         }
         Ok(views)
@@ -435,7 +430,7 @@ impl NodeApi {
                 nodes.push(n.id);
             }
         }
-        Ok(NodesView { nodes, leaders: self.host.reported_leaders() })
+        Ok(NodesView { nodes, leaders: self.host.reported_leaders(), dead: Default::default() })
     }
 
     /// Carries out one planned operation.
@@ -532,45 +527,40 @@ pub async fn report_load_loop(api: Weak<NodeApi>) {
 
 /// On the meta leader: every `PLACEMENT_INTERVAL`, plans and runs the elastic operations.
 pub async fn placement_loop(api: Weak<NodeApi>) {
-    // When each (shard, epoch) was first seen: a shard's range changed then.
-    let mut changed: BTreeMap<(GroupId, u64), tokio::time::Instant> = BTreeMap::new();
+    let mut changes = RangeChanges::default();
     let mut sizes = SizeCache::new();
     // When each open merge was first seen preparing.
     let mut preparing: BTreeMap<GroupId, tokio::time::Instant> = BTreeMap::new();
-    let mut liveness = Liveness::new(liveness::DOWN_AFTER);
+    let Some(dead_after) = api.upgrade().map(|a| a.placement.dead_after) else { return };
+    let mut liveness = Liveness::new(liveness::DOWN_AFTER, dead_after);
     loop {
         tokio::time::sleep(PLACEMENT_INTERVAL).await;
         let Some(api) = api.upgrade() else { return };
         if !api.host().group(keys::META_GROUP).is_some_and(|m| m.is_leader()) {
-            changed.clear();
+            changes.clear();
             sizes.clear();
             liveness.stop_watching();
             continue;
         }
         api.announce_failures(&mut liveness);
         api.resolve_merges(&mut preparing).await;
-        let views = match api.placement_view(&changed, &mut sizes) {
+        let mut views = match api.placement_view(&mut sizes) {
             Ok(v) => v,
             Err(e) => {
                 tracing::debug!(error = %e, "placement view unavailable");
                 continue;
             }
         };
-        let now = tokio::time::Instant::now();
-        let first_round = changed.is_empty();
-        for v in &views {
-            // On the first round as leader, nothing is known to have changed recently.
-            let seen = if first_round { now.checked_sub(api.placement.cooldown).unwrap_or(now) } else { now };
-            changed.entry((v.desc.id, v.desc.epoch)).or_insert(seen);
-        }
+        changes.stamp(&mut views, tokio::time::Instant::now());
         let current: std::collections::BTreeSet<(GroupId, u64)> =
             views.iter().map(|v| (v.desc.id, v.desc.epoch)).collect();
-        changed.retain(|k, _| current.contains(k));
         sizes.retain(|k, _| current.contains(k));
         let nodes = match api.nodes_view() {
-            // Nothing moves to or balances onto a node that stopped reporting.
+            // Nothing moves to or balances onto a node that stopped reporting; a dead one's
+            // replicas are re-created elsewhere.
             Ok(mut n) => {
                 n.nodes.retain(|id| !liveness.is_down(*id));
+                n.dead = liveness.dead().clone();
                 n
             }
             Err(e) => {
@@ -585,11 +575,18 @@ pub async fn placement_loop(api: Weak<NodeApi>) {
                 Action::Move { .. } => 2 * crate::raft::host::MEMBERSHIP_TIMEOUT,
                 _ => api.request_timeout() * 2,
             };
-            match tokio::time::timeout(bound, api.run_action(action.clone())).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => tracing::info!(?action, error = %e, "placement operation failed; a later round retries"),
-                Err(_) => tracing::info!(?action, "placement operation timed out; a later round retries"),
-            }
+            let outcome = match tokio::time::timeout(bound, api.run_action(action.clone())).await {
+                Ok(Ok(())) => "ok",
+                Ok(Err(e)) => {
+                    tracing::info!(?action, error = %e, "placement operation failed; a later round retries");
+                    "failed"
+                }
+                Err(_) => {
+                    tracing::info!(?action, "placement operation timed out; a later round retries");
+                    "timed_out"
+                }
+            };
+            api.metrics.observe_placement(action.kind(), action.reason(), outcome);
         }
     }
 }

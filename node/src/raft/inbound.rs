@@ -118,8 +118,14 @@ impl Inbound for Arc<RaftHost> {
                     encode(&h.raft.append_entries(req).await)
                 }
                 RpcKind::Vote => {
+                    let req: openraft::raft::VoteRequest<NodeId> =
+                        serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
+                    if req.vote.leader_id().voted_for() == Some(env.from_node) {
+                        // Arriving before the candidate's `WakeForCampaign`, it must not start
+                        // the replica with the lease that would refuse it.
+                        host.release_lease_of(group, env.from_node).await;
+                    }
                     let h = host.replica_for_raft(group).await?;
-                    let req = serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
                     encode(&h.raft.vote(req).await)
                 }
                 RpcKind::Forward => {
@@ -142,6 +148,13 @@ impl Inbound for Arc<RaftHost> {
                             Ok(_) => ForwardResponse::Done,
                             Err(e) => ForwardResponse::Failed(e),
                         },
+                        ForwardRequest::WakeForCampaign => {
+                            host.release_lease_of(group, env.from_node).await;
+                            match host.wake_for_raft(group).await {
+                                Ok(_) => ForwardResponse::Done,
+                                Err(e) => ForwardResponse::Failed(e),
+                            }
+                        }
                         ForwardRequest::Members => host.members_local(group).await,
                         ForwardRequest::ApiCall(request) => host.api_call_local(group, request).await,
                         ForwardRequest::PeerDown { node } => {

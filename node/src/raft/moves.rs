@@ -31,6 +31,11 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// An empty replica (no membership from a log) that the catalog does not place here is a
+/// removal candidate after this long: a move delivers the learner's first snapshot well
+/// within it (one forwarded membership attempt is bounded by 15 s).
+pub const EMPTY_REPLICA_GRACE: Duration = Duration::from_secs(30);
+
 /// How often a transfer checks whether leadership moved.
 const TRANSFER_POLL: Duration = Duration::from_millis(5);
 
@@ -194,7 +199,9 @@ impl RaftHost {
     pub fn removed_replicas(&self) -> Vec<GroupId> {
         let me = self.config.node_id;
         let Ok(map) = self.catalog.shard_map() else { return Vec::new() };
-        self.local
+        let now = tokio::time::Instant::now();
+        let candidates: Vec<GroupId> = self
+            .local
             .all()
             .into_iter()
             .filter(|s| s.id != keys::META_GROUP && !s.is_retired() && s.merging_into().is_none())
@@ -218,12 +225,34 @@ impl RaftHost {
                 );
                 if members.contains(&me) {
                     desc.replicas_at > mine
+                } else if mine > 0 {
+                    desc.replicas_at >= mine
                 } else {
-                    mine > 0 && desc.replicas_at >= mine
+                    // Empty: opened for a move whose learner was never added (the leader
+                    // changed; the driver then chose another target) it would stay forever
+                    // (found by the simulator, seed 150 with 5 nodes). A candidate once it
+                    // has been empty and unlisted for longer than a move needs to deliver
+                    // its first snapshot; the leader's word still decides.
+                    self.empty_and_unlisted_for(s.id, now) >= EMPTY_REPLICA_GRACE
                 }
             })
             .map(|s| s.id)
-            .collect()
+            .collect();
+        // Forget replicas no longer empty and unlisted (filled, listed, or gone).
+        if let Ok(mut seen) = self.empty_unlisted_since.lock() {
+            seen.retain(|g, _| {
+                let listed = map.shards.get(g).is_none_or(|d| d.replicas.contains(&me));
+                !listed && self.local_membership(*g).is_some_and(|(mine, _)| mine == 0)
+            });
+        }
+        candidates
+    }
+
+    /// How long `group`'s replica here has been seen empty and unlisted by `removed_replicas`
+    /// (zero the first time).
+    fn empty_and_unlisted_for(&self, group: GroupId, now: tokio::time::Instant) -> Duration {
+        let Ok(mut seen) = self.empty_unlisted_since.lock() else { return Duration::ZERO };
+        now.saturating_duration_since(*seen.entry(group).or_insert(now))
     }
 
     /// This replica's membership: its log index and every node in it (running: the newest

@@ -49,16 +49,36 @@ fn apply(tables: &mut Tables, batch: &WriteBatch) {
     }
 }
 
-fn scan_tables(tables: &Tables, cf: Cf, start: &[u8], end: &[u8], limit: usize) -> KvPairs {
-    let Some(t) = tables.get(&cf) else { return Vec::new() };
-    if !end.is_empty() && start >= end {
-        return Vec::new();
+/// The pairs of `cf` in `[start, end)` (`end` empty: to the end), in key order, borrowed.
+fn range_of<'a>(
+    tables: &'a Tables,
+    cf: Cf,
+    start: &'a [u8],
+    end: &'a [u8],
+) -> impl Iterator<Item = (&'a Vec<u8>, &'a Vec<u8>)> {
+    let empty = !end.is_empty() && start >= end;
+    tables
+        .get(&cf)
+        .filter(|_| !empty)
+        .into_iter()
+        .flat_map(move |t| t.range::<[u8], _>((std::ops::Bound::Included(start), std::ops::Bound::Unbounded)))
+        .take_while(move |(k, _)| in_range(k, start, end))
+}
+
+/// `apply` of a batch no longer needed: its keys and values move into the tables.
+fn apply_owned(tables: &mut Tables, batch: WriteBatch) {
+    for op in batch.ops {
+        match op {
+            WriteOp::Put { cf, key, value } => {
+                tables.entry(cf).or_default().insert(key, value);
+            }
+            other => apply(tables, &WriteBatch { ops: vec![other] }),
+        }
     }
-    t.range(start.to_vec()..)
-        .take_while(|(k, _)| in_range(k, start, end))
-        .take(limit)
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect()
+}
+
+fn scan_tables(tables: &Tables, cf: Cf, start: &[u8], end: &[u8], limit: usize) -> KvPairs {
+    range_of(tables, cf, start, end).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
 impl MemEngine {
@@ -134,10 +154,10 @@ impl KvEngine for MemEngine {
         apply(&mut inner.visible, &batch);
         if sync {
             let pending = std::mem::take(&mut inner.pending);
-            for b in &pending {
-                apply(&mut inner.durable, b);
+            for b in pending {
+                apply_owned(&mut inner.durable, b);
             }
-            apply(&mut inner.durable, &batch);
+            apply_owned(&mut inner.durable, batch);
         } else {
             inner.pending.push(batch);
         }
@@ -145,10 +165,7 @@ impl KvEngine for MemEngine {
     }
 
     fn approximate_size(&self, cf: Cf, start: &[u8], end: &[u8]) -> u64 {
-        scan_tables(&self.lock().visible, cf, start, end, usize::MAX)
-            .iter()
-            .map(|(k, v)| (k.len() + v.len()) as u64)
-            .sum()
+        range_of(&self.lock().visible, cf, start, end).map(|(k, v)| (k.len() + v.len()) as u64).sum()
     }
 }
 
