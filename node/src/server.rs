@@ -165,6 +165,7 @@ pub async fn build_core(
     let fresh = host.dormant_ids().is_empty();
     host.forget_leadership_after_restart().await.map_err(|e| StartError::Storage(e.to_string()))?;
     host.start_group(keys::META_GROUP).await.map_err(|e| StartError::Raft(e.to_string()))?;
+    host.announce_restart();
     if fresh && config.join.is_none() && config.first_shard_replicas().contains_key(&config.node_id) {
         host.start_group(keys::FIRST_SHARD).await.map_err(|e| StartError::Raft(e.to_string()))?;
     }

@@ -129,6 +129,13 @@ pub enum ForwardRequest {
     /// campaign for it: a dormant replica whose committed vote names the sender first keeps
     /// the vote but drops the commit (`RaftHost::release_lease_of`), so it grants the vote.
     WakeForCampaign,
+    /// From a node that just restarted to every other member: it gave up its leadership of
+    /// `groups` (`forget_leadership_after_restart`); a dormant replica of one whose
+    /// committed vote names the sender drops the commit (`release_leases_of`), so whichever
+    /// replica a request wakes first can win the group in one vote round.
+    LeaderRestarted {
+        groups: Vec<GroupId>,
+    },
     /// From the meta leader to every node: `node` stopped reporting (`liveness`); wake your
     /// hibernated replicas of the groups it led, so they elect a new leader now.
     PeerDown {
@@ -676,14 +683,16 @@ impl RaftHost {
             Some(h) => h,
             None if self.is_dormant(group) => {
                 let led_before = self.led_before_restart.lock().is_ok_and(|led| led.contains(&group));
+                // A plain (uncommitted) vote: nobody is known to lead, typically because the
+                // leader restarted and gave the group up.
+                let leaderless = matches!(self.stored_vote(group), Ok(Some(v)) if !v.is_committed());
                 self.wake_peers(group);
                 let h = self.start_boxed(group).await?;
-                if led_before {
-                    // This node led the group when its process stopped and gave the claim up
-                    // at start: campaign now rather than after an election timeout. Its peers
-                    // drop their lease for it as they wake (`WakeForCampaign`), so one vote
-                    // round makes it leader again at a new term (a strong read of such a
-                    // shard took ~1.6 s after a restart without both).
+                if led_before || leaderless {
+                    // Campaign now rather than after an election timeout. The peers dropped
+                    // their lease for a restarted leader (`LeaderRestarted` at its start, or
+                    // `WakeForCampaign` now), so one vote round elects this replica at a new
+                    // term (a strong read of such a shard took ~1.6 s after a restart).
                     let _ = h.raft.trigger().elect().await;
                 }
                 h
@@ -732,6 +741,54 @@ impl RaftHost {
         if let Err(e) = self.write_synced(batch).await {
             tracing::warn!(group, error = %e, "releasing a dormant replica's lease");
         }
+    }
+
+    /// `release_lease_of` for many groups of one restarted `leader`, in one synced write:
+    /// each group's lifecycle lock is held from the check to the write, so no replica starts
+    /// (and persists a newer vote) in between.
+    pub(super) async fn release_leases_of(self: &Arc<Self>, mut groups: Vec<GroupId>, leader: NodeId) -> usize {
+        groups.sort_unstable();
+        groups.dedup();
+        let mut held = Vec::new();
+        let mut batch = crate::storage::WriteBatch::new();
+        for group in groups {
+            if !self.is_dormant(group) {
+                continue;
+            }
+            let lock = self.lifecycle_lock(group);
+            let guard = lock.lock_owned().await;
+            if self.group(group).is_some() || !self.is_dormant(group) {
+                continue;
+            }
+            if let Ok(Some((key, value))) = self.uncommitted_vote(group, leader) {
+                batch.put(Cf::RaftMeta, key, value);
+                held.push(guard);
+            }
+        }
+        let released = held.len();
+        if released > 0 {
+            if let Err(e) = self.write_synced(batch).await {
+                tracing::warn!(leader, error = %e, "releasing dormant replicas' leases");
+                return 0;
+            }
+        }
+        released
+    }
+
+    /// After a restart: tells every other member which groups this node gave up
+    /// (`ForwardRequest::LeaderRestarted`; best effort, a member not reached keeps its lease
+    /// and its replicas elect after a timeout, as before).
+    pub fn announce_restart(self: &Arc<Self>) {
+        let groups: Vec<GroupId> = match self.led_before_restart.lock() {
+            Ok(led) => led.iter().copied().collect(),
+            Err(_) => return,
+        };
+        if groups.is_empty() {
+            return;
+        }
+        let Ok(nodes) = self.catalog.nodes() else { return };
+        let peers = nodes.into_iter().filter(|n| n.id != self.config.node_id).map(|n| (n.id, n.grpc_addr)).collect();
+        self.tell_peers(keys::META_GROUP, peers, ForwardRequest::LeaderRestarted { groups });
     }
 
     /// The vote record of `group` rewritten without its commit, when the stored vote is a
@@ -1315,6 +1372,7 @@ impl RaftHost {
                     | ForwardRequest::Elect
                     | ForwardRequest::Wake
                     | ForwardRequest::WakeForCampaign
+                    | ForwardRequest::LeaderRestarted { .. }
                     | ForwardRequest::ApiCall(_)
                     | ForwardRequest::PeerDown { .. }
                     | ForwardRequest::ReportLoad { .. } => {

@@ -148,6 +148,11 @@ impl Inbound for Arc<RaftHost> {
                             Ok(_) => ForwardResponse::Done,
                             Err(e) => ForwardResponse::Failed(e),
                         },
+                        ForwardRequest::LeaderRestarted { groups } => {
+                            let released = host.release_leases_of(groups, env.from_node).await;
+                            tracing::debug!(from = env.from_node, released, "a restarted leader's groups released");
+                            ForwardResponse::Done
+                        }
                         ForwardRequest::WakeForCampaign => {
                             host.release_lease_of(group, env.from_node).await;
                             match host.wake_for_raft(group).await {
