@@ -48,9 +48,7 @@ impl RaftHost {
         let retired: Vec<&shard::GroupState> = parts.iter().filter(|p| p.is_retired()).collect();
         let [a, b] = retired.as_slice() else { return Ok(()) };
         for part in [a, b] {
-            if std::env::var("NOFIX").is_err()
-                && state_machine::retired_by_snapshot(self.engine(), part.id).map_err(|e| fatal(e.to_string()))?
-            {
+            if state_machine::retired_by_snapshot(self.engine(), part.id).map_err(|e| fatal(e.to_string()))? {
                 // Its data here is not its final data: the merged group comes from its leader
                 // instead (an empty replica on the leader's first message, then a snapshot).
                 tracing::info!(into, part = part.id, "not seeding the merged group: a part retired here by a snapshot");
