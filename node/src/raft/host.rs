@@ -617,8 +617,8 @@ impl RaftHost {
     /// index, and a strong read on a follower missed an acknowledged write (found by the
     /// simulator, seed 81). A newly elected leader commits an entry of its own term first.
     /// A request that wakes such a group campaigns at once (`led_before_restart`; its peers
-    /// drop their lease for it), so the election costs one vote round, not a timeout. Waking a hibernated group (no crash:
-    /// everything was applied) still resumes at once.
+    /// drop their lease for it), so the election costs one vote round, not a timeout.
+    /// Waking a hibernated group (no crash: everything was applied) still resumes at once.
     pub async fn forget_leadership_after_restart(&self) -> Result<usize, crate::storage::EngineError> {
         let me = self.config.node_id;
         let mut groups: BTreeSet<GroupId> = self.dormant_ids().into_iter().collect();
@@ -686,7 +686,7 @@ impl RaftHost {
                 // A plain (uncommitted) vote: nobody is known to lead, typically because the
                 // leader restarted and gave the group up.
                 let leaderless = matches!(self.stored_vote(group), Ok(Some(v)) if !v.is_committed());
-                self.wake_peers(group);
+                self.wake_peers(group, led_before);
                 let h = self.start_boxed(group).await?;
                 if led_before || leaderless {
                     // Campaign now rather than after an election timeout. The peers dropped
@@ -708,8 +708,9 @@ impl RaftHost {
     /// starts: the woken leader's first heartbeat then finds them running, and a wake costs
     /// one replica start instead of two in a row (leader, then followers on its heartbeat).
     /// Best effort: a replica not reached starts on that heartbeat anyway.
-    fn wake_peers(self: &Arc<Self>, group: GroupId) {
-        let led_before = self.led_before_restart.lock().is_ok_and(|led| led.contains(&group));
+    /// `led_before`: this node led the group before its process restarted and campaigns
+    /// next (the peers drop their lease for it as they wake).
+    fn wake_peers(self: &Arc<Self>, group: GroupId, led_before: bool) {
         let wake = if led_before { ForwardRequest::WakeForCampaign } else { ForwardRequest::Wake };
         self.tell_peers(group, self.other_replicas(group), wake);
     }
@@ -724,23 +725,7 @@ impl RaftHost {
     /// uses, and the lease protects no one here (the replica was asleep, the candidate is
     /// the leader it would protect). A running replica is left alone.
     pub(super) async fn release_lease_of(self: &Arc<Self>, group: GroupId, candidate: NodeId) {
-        let lock = self.lifecycle_lock(group);
-        let _lifecycle = lock.lock().await;
-        if self.group(group).is_some() || !self.is_dormant(group) {
-            return;
-        }
-        let mut batch = crate::storage::WriteBatch::new();
-        match self.uncommitted_vote(group, candidate) {
-            Ok(Some((key, value))) => batch.put(Cf::RaftMeta, key, value),
-            Ok(None) => return,
-            Err(e) => {
-                tracing::warn!(group, error = %e, "reading a dormant replica's vote");
-                return;
-            }
-        }
-        if let Err(e) = self.write_synced(batch).await {
-            tracing::warn!(group, error = %e, "releasing a dormant replica's lease");
-        }
+        self.release_leases_of(vec![group], candidate).await;
     }
 
     /// `release_lease_of` for many groups of one restarted `leader`, in one synced write:
@@ -760,9 +745,13 @@ impl RaftHost {
             if self.group(group).is_some() || !self.is_dormant(group) {
                 continue;
             }
-            if let Ok(Some((key, value))) = self.uncommitted_vote(group, leader) {
-                batch.put(Cf::RaftMeta, key, value);
-                held.push(guard);
+            match self.uncommitted_vote(group, leader) {
+                Ok(Some((key, value))) => {
+                    batch.put(Cf::RaftMeta, key, value);
+                    held.push(guard);
+                }
+                Ok(None) => {}
+                Err(e) => tracing::warn!(group, error = %e, "reading a dormant replica's vote"),
             }
         }
         let released = held.len();
