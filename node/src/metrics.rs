@@ -205,6 +205,9 @@ impl Metrics {
         let _ = writeln!(out, "# HELP floe_raft_messages_sent_total Node-to-node messages this node sent, and the batches that carried them (one stream message per batch per peer).");
         let _ = writeln!(out, "# TYPE floe_raft_messages_sent_total counter");
         let _ = writeln!(out, "floe_raft_messages_sent_total {}", sent.frames_sent);
+        let _ = writeln!(out, "# HELP floe_raft_bytes_sent_total Payload bytes of the node-to-node messages this node sent (snapshot transfers not counted).");
+        let _ = writeln!(out, "# TYPE floe_raft_bytes_sent_total counter");
+        let _ = writeln!(out, "floe_raft_bytes_sent_total {}", sent.bytes_sent);
         let _ = writeln!(out, "# TYPE floe_raft_batches_sent_total counter");
         let _ = writeln!(out, "floe_raft_batches_sent_total {}", sent.batches_sent);
         let _ = writeln!(out, "# HELP floe_peer_links_opened_total Streams opened to peer nodes (after a start, a broken connection or a failed open).");

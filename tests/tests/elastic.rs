@@ -6,7 +6,8 @@
 //! - a manual split (`floe ctl split`) at a document: both sides keep serving, and a write
 //!   after the split gets a higher version than before it (versions stay monotonic); a
 //!   manual merge (`floe ctl merge`) of two of the shards: the merged shard serves both
-//!   ranges, versions keep growing, the parts are gone.
+//!   ranges, versions keep growing, the parts are gone;
+//! - waking a hibernated shard sends its followers a few messages, not its log again.
 //!
 //! Needs the `floe` binary (see `floe_tests::floe_bin`). Bounded by `TEST_TIMEOUT`.
 
@@ -444,5 +445,63 @@ async fn dead_node_re_replication() -> anyhow::Result<()> {
         let doc: Option<Document<Value>> = two.collection("users").get_with(id, ReadConsistency::Strong).await?;
         assert_eq!(doc.map(|d| d.value["after"].clone()), Some(json!(true)), "{id} reads its last write");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn waking_a_hibernated_shard_does_not_resend_its_log() {
+    bounded(wake_without_resend()).await;
+}
+
+/// Payload bytes the cluster's nodes have sent each other so far.
+async fn bytes_sent(cluster: &mut Cluster) -> anyhow::Result<u64> {
+    let mut total = 0;
+    for node in 1..=3u64 {
+        let url = cluster.node_mut(node)?.process.http_url("/metrics");
+        let metrics = floe_tests::http_client().get(url).send().await?.text().await?;
+        total += metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("floe_raft_bytes_sent_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .context("no floe_raft_bytes_sent_total")?;
+    }
+    Ok(total)
+}
+
+/// One shard takes ~2 MiB of writes (its log keeps them: no snapshot yet) and hibernates.
+/// Waking it with a read costs a few messages, not its log again: a woken leader does not
+/// know how far its followers' logs reach, and openraft 0.9 finds out by sending entries
+/// from halfway through its log (~1 MiB to each follower here) unless the follower is asked
+/// first whether it holds them (`raft::network`).
+async fn wake_without_resend() -> anyhow::Result<()> {
+    let args = ["--split-qps", "0", "--merge-qps", "0", "--balance-band", "0", "--hibernate-after", "2s"];
+    let mut cluster = Cluster::start_with_args(3, &args).await.context("start cluster")?;
+    let endpoints = cluster.grpc_endpoints();
+    let client = client_for(&endpoints)?;
+    ensure_collection(&client, "big").await?;
+    let big = client.collection("big");
+    let filler = "x".repeat(16 << 10);
+    const DOCS: usize = 128;
+    for i in 0..DOCS {
+        big.put(&format!("d{i:03}"), &json!({ "i": i, "filler": filler })).await?;
+    }
+    let log_bytes = (DOCS * filler.len()) as u64;
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !client.cluster_status().await?.shards.iter().all(|s| s.state == "hibernating") {
+        if Instant::now() > deadline {
+            bail!("shards still active 30 s after the writes\n{}", cluster.log_tails());
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let before = bytes_sent(&mut cluster).await?;
+    let doc: Option<Document<Value>> = big.get_with("d007", ReadConsistency::Strong).await?;
+    assert_eq!(doc.map(|d| d.value["i"].clone()), Some(json!(7)));
+    big.put("d007", &json!({ "i": 7, "woken": true })).await?;
+    // Replication to both followers settles well within this.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = bytes_sent(&mut cluster).await? - before;
+    eprintln!("wake, read and one write of a shard with a {log_bytes} B log: {sent} B sent between nodes");
+    assert!(sent < log_bytes / 8, "waking sent {sent} B (the log holds {log_bytes} B)");
     Ok(())
 }

@@ -369,7 +369,8 @@ const PURGE_POLL: Duration = Duration::from_millis(5);
 
 /// How often a request polls a replica that just woke for its leader.
 pub(super) const LEADER_POLL: Duration = Duration::from_millis(1);
-/// Redirects to a named leader that `on_leader` follows at once before it backs off.
+/// Attempts `on_leader` retries at once (following a named leader, or polling a local
+/// replica in an election for its winner) before it backs off.
 const REDIRECTS_WITHOUT_BACKOFF: u32 = 2;
 
 /// `Unavailable` (retry-safe: nothing was proposed) while a leader transfer holds `h`.
@@ -1448,7 +1449,12 @@ impl RaftHost {
             // leader); a few times only, so two nodes naming each other still back off.
             let redirected =
                 matches!(&resp, ForwardResponse::NotLeader { leader: Some((id, _)) } if Some(*id) != tried);
-            if redirected && attempt <= REDIRECTS_WITHOUT_BACKOFF {
+            // A replica here that answered "no leader" is most likely in an election (a
+            // woken shard whose leader restarted campaigns at once): the next attempt polls
+            // it for the winner, one vote round away, instead of the blind backoff below
+            // (measured: +40 ms on every first wake after a restart).
+            let electing = reached && local.is_some() && matches!(&resp, ForwardResponse::NotLeader { leader: None });
+            if (redirected || electing) && attempt <= REDIRECTS_WITHOUT_BACKOFF {
                 continue;
             }
             let backoff = Duration::from_millis((20u64 << attempt.min(5)).min(500));

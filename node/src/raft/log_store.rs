@@ -33,6 +33,13 @@ pub struct LogStore {
     applied: Arc<Progress>,
 }
 
+/// Most bytes of stored entries one replication message carries (always at least one entry;
+/// TiKV's `raft-max-size-per-msg` is the same 1 MiB). Bounded where the entries are read,
+/// so a stream catching up or probing a follower reads no more than it may send.
+pub const APPEND_BYTES_MAX: usize = 1 << 20;
+/// Entries read from the engine at a time while filling a replication message.
+const READ_CHUNK: usize = 64;
+
 /// How long a purge waits for the state machine to apply what it would purge.
 pub const PURGE_WAIT_FOR_APPLY: Duration = Duration::from_secs(10);
 
@@ -87,6 +94,35 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let pairs =
             self.engine.scan(Cf::RaftLog, &keys::log_key(self.group, start), &end, usize::MAX).map_err(read_err)?;
         pairs.into_iter().map(|(_, v)| serde_json::from_slice::<Entry>(&v).map_err(read_err)).collect()
+    }
+
+    /// For replication: the entries from `start` on, below `end`, until they reach
+    /// `APPEND_BYTES_MAX` bytes as stored (openraft sends what this returns as one message).
+    async fn limited_get_log_entries(&mut self, start: u64, end: u64) -> Result<Vec<Entry>, StorageError> {
+        let end_key = keys::log_key(self.group, end);
+        let mut entries = Vec::new();
+        let mut bytes = 0;
+        let mut next = start;
+        while next < end && bytes < APPEND_BYTES_MAX {
+            let chunk = self
+                .engine
+                .scan(Cf::RaftLog, &keys::log_key(self.group, next), &end_key, READ_CHUNK)
+                .map_err(read_err)?;
+            let whole = chunk.len() == READ_CHUNK;
+            for (_, value) in chunk {
+                if bytes >= APPEND_BYTES_MAX {
+                    break;
+                }
+                bytes += value.len();
+                let entry: Entry = serde_json::from_slice(&value).map_err(read_err)?;
+                next = entry.log_id.index + 1;
+                entries.push(entry);
+            }
+            if !whole {
+                break;
+            }
+        }
+        Ok(entries)
     }
 }
 

@@ -2,13 +2,14 @@
 //!
 //! Owns: encoding openraft requests and replies (serde JSON) into transport payloads and
 //! mapping transport failures to openraft's error kinds (`Unreachable` makes openraft back
-//! off; a refusal by the peer is `Unreachable` too, e.g. the group is not running there yet).
+//! off; a refusal by the peer is `Unreachable` too, e.g. the group is not running there yet),
+//! and asking a follower whether it already holds entries before a new replication stream
+//! sends them (`GroupNetwork::append_entries`).
 
 use super::types::{GroupId, NodeId, Snapshot, TypeConfig, Vote};
 use crate::transport::{Envelope, RpcKind, Transport, TransportError};
 use openraft::error::{
-    Fatal, NetworkError, PayloadTooLarge, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError,
-    Unreachable,
+    Fatal, NetworkError, RPCError, RaftError, RemoteError, ReplicationClosed, StreamingError, Unreachable,
 };
 use openraft::network::{Backoff, RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotResponse, VoteRequest, VoteResponse};
@@ -34,18 +35,22 @@ pub struct GroupNetworkFactory {
     pub transport: Arc<dyn Transport>,
 }
 
-/// A group's client to one peer.
+/// A group's client to one peer: openraft makes one per replication stream (a leader's
+/// term, or a woken leader's incarnation) and one per election.
 pub struct GroupNetwork {
     factory: GroupNetworkFactory,
     target: NodeId,
     addr: String,
+    /// Whether entries are probed before they are sent (`append_entries`): from the start
+    /// of the stream until the follower first lacks what was probed.
+    probing: bool,
 }
 
 impl RaftNetworkFactory<TypeConfig> for GroupNetworkFactory {
     type Network = GroupNetwork;
 
     async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> Self::Network {
-        GroupNetwork { factory: self.clone(), target, addr: node.addr.clone() }
+        GroupNetwork { factory: self.clone(), target, addr: node.addr.clone(), probing: true }
     }
 }
 
@@ -96,16 +101,44 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
-        let entries = rpc.entries.len() as u64;
-        if entries > 1 {
-            // openraft 0.9 bounds one AppendEntries by the heartbeat interval; ask it to send
-            // fewer entries when they would not fit the byte budget (it honours the hint).
-            let bytes: usize = rpc.entries.iter().map(|e| serde_json::to_vec(e).map(|v| v.len()).unwrap_or(0)).sum();
-            if bytes > APPEND_BYTES_MAX {
-                let fit = (entries * APPEND_BYTES_MAX as u64 / bytes as u64).clamp(1, entries - 1);
-                return Err(RPCError::PayloadTooLarge(PayloadTooLarge::new_entries_hint(fit)));
+        if self.probing && !rpc.entries.is_empty() {
+            // A new stream does not know where the follower's log ends, and openraft 0.9
+            // finds out by sending entries from halfway through its log (a binary search
+            // that sends what it probes): every wake of a hibernated leader, and every new
+            // leader, re-sent its followers up to half a log they mostly held (measured: a
+            // woken shard with large entries kept a core busy for 100 ms retrying more than
+            // 4 MiB, and every other wake waited). Ask first whether the follower holds the
+            // batch's last entry (a woken leader's followers do), then the last one an
+            // earlier leader wrote (a new leader's followers lack only its own entries).
+            // Holding an entry means holding every entry before it (Log Matching: same index
+            // and term, same prefix), so the follower then accepts and commits exactly what
+            // the full request would make it. Each answer moves openraft's search on; once
+            // the follower lacks what was probed, it is behind, and entries go as built.
+            for held in probe_points(&rpc.entries) {
+                let probe: AppendEntriesRequest<TypeConfig> = AppendEntriesRequest {
+                    vote: rpc.vote,
+                    prev_log_id: Some(held),
+                    leader_commit: rpc.leader_commit,
+                    entries: Vec::new(),
+                };
+                match self.rpc(RpcKind::AppendEntries, &probe, option.hard_ttl()).await? {
+                    AppendEntriesResponse::Success => {
+                        let last = rpc.entries.last().map(|e| e.log_id);
+                        return Ok(if last == Some(held) {
+                            AppendEntriesResponse::Success
+                        } else {
+                            AppendEntriesResponse::PartialSuccess(Some(held))
+                        });
+                    }
+                    AppendEntriesResponse::HigherVote(vote) => return Ok(AppendEntriesResponse::HigherVote(vote)),
+                    // The follower lacks it (and dropped whatever it had from that index on,
+                    // which cannot match the leader's log either): try the next point, then
+                    // send the entries as openraft built them.
+                    AppendEntriesResponse::Conflict | AppendEntriesResponse::PartialSuccess(_) => {}
+                }
             }
         }
+        self.probing &= rpc.entries.is_empty();
         self.rpc(RpcKind::AppendEntries, &rpc, option.hard_ttl()).await
     }
 
@@ -154,8 +187,14 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
     }
 }
 
-/// Byte budget of the entries in one AppendEntries (more entries are split).
-pub const APPEND_BYTES_MAX: usize = 4 << 20;
+/// Where a new stream probes the follower before sending `entries` (`append_entries`): the
+/// last entry, then the last entry a leader other than its writer wrote, if any.
+fn probe_points(entries: &[super::types::Entry]) -> Vec<super::types::LogId> {
+    let Some(last) = entries.last().map(|e| e.log_id) else { return Vec::new() };
+    let earlier = entries.iter().rev().map(|e| e.log_id).find(|id| id.leader_id != last.leader_id);
+    std::iter::once(last).chain(earlier).collect()
+}
+
 /// Bound on one snapshot transfer: `SNAPSHOT_TIMEOUT_BASE` plus one second per
 /// `SNAPSHOT_SLOWEST_BYTES_PER_S` bytes, at most `SNAPSHOT_TIMEOUT_MAX`.
 pub fn snapshot_timeout(bytes: usize) -> Duration {
@@ -168,3 +207,25 @@ pub const SNAPSHOT_SLOWEST_BYTES_PER_S: usize = 4 << 20;
 pub const SNAPSHOT_TIMEOUT_MAX: Duration = Duration::from_secs(600);
 /// Pause before retrying an unreachable peer.
 pub const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(200);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::types::{Entry, LogId};
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn entry(term: u64, node: NodeId, index: u64) -> Entry {
+        Entry { log_id: LogId::new(CommittedLeaderId::new(term, node), index), payload: EntryPayload::Blank }
+    }
+
+    #[test]
+    fn a_new_stream_probes_the_last_entry_then_the_last_one_an_earlier_leader_wrote() {
+        assert!(probe_points(&[]).is_empty());
+        // A woken leader: every entry its own.
+        let woken = [entry(4, 1, 10), entry(4, 1, 11)];
+        assert_eq!(probe_points(&woken), vec![woken[1].log_id]);
+        // A new leader: its blank entry after the entries of earlier terms.
+        let elected = [entry(3, 2, 10), entry(4, 1, 11), entry(4, 1, 12), entry(5, 3, 13)];
+        assert_eq!(probe_points(&elected), vec![elected[3].log_id, elected[2].log_id]);
+    }
+}

@@ -100,6 +100,7 @@ impl Transport for GrpcTransport {
         TransportStats {
             batches_sent: s.batches.load(Ordering::Relaxed),
             frames_sent: s.frames.load(Ordering::Relaxed),
+            bytes_sent: s.bytes.load(Ordering::Relaxed),
             links_opened: s.links_opened.load(Ordering::Relaxed),
         }
     }
@@ -236,8 +237,10 @@ mod tests {
         let transport = GrpcTransport::new();
         // Every call queues before the link's task first runs (one task polls them all), so
         // they leave as one batch; the slow ones answer after the fast ones.
+        let payload_of = |i: u64| if i.is_multiple_of(50) { format!("sleep:30:{i}") } else { format!("m{i}") };
+        let payload_bytes: usize = (0..500u64).map(|i| payload_of(i).len()).sum();
         let calls = (0..500u64).map(|i| {
-            let payload = if i % 50 == 0 { format!("sleep:30:{i}") } else { format!("m{i}") };
+            let payload = payload_of(i);
             let t = transport.clone();
             let addr = addr.clone();
             async move {
@@ -257,6 +260,7 @@ mod tests {
         }
         let stats = transport.stats();
         assert_eq!(stats.frames_sent, 500);
+        assert_eq!(stats.bytes_sent, payload_bytes as u64);
         assert_eq!(stats.batches_sent, 1, "{stats:?}");
         assert_eq!(stats.links_opened, 1);
     }

@@ -83,6 +83,9 @@ pub struct TransportStats {
     pub batches_sent: u64,
     /// Messages in them.
     pub frames_sent: u64,
+    /// The messages' payload bytes (snapshot transfers, which have their own streams, not
+    /// counted).
+    pub bytes_sent: u64,
     /// Peer links opened (after start, a broken connection or a failed open).
     pub links_opened: u64,
 }

@@ -49,6 +49,8 @@ pub struct MuxStats {
     pub batches: AtomicU64,
     /// Frames in them (one raft message or forwarded request each).
     pub frames: AtomicU64,
+    /// The frames' payload bytes.
+    pub bytes: AtomicU64,
     /// Links opened (a new stream after a start, a broken connection or a failed open).
     pub links_opened: AtomicU64,
 }
@@ -264,6 +266,7 @@ impl Driver {
             }
             self.stats.batches.fetch_add(1, Ordering::Relaxed);
             self.stats.frames.fetch_add(frames.len() as u64, Ordering::Relaxed);
+            self.stats.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
             if batch_tx.send(RaftBatch { frames }).await.is_err() {
                 return format!("stream to {} closed", self.addr);
             }
