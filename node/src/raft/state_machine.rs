@@ -20,10 +20,15 @@
 //! - apply reads nothing but the entry and stored state (no clock, no randomness).
 //!
 //! Snapshots hold the group's state, its data range and its stored answers in memory
-//! (`Cursor<Vec<u8>>`, streamed in chunks over the network). Installing one replaces the
-//! snapshot's range only: a replica that missed a split keeps the data beyond it until the
-//! child that owns it installs its own snapshot. A file-backed snapshot is the next step for
-//! large shards.
+//! (`Cursor<Vec<u8>>`, streamed in chunks over the network) only while one is built, sent
+//! or installed: the state machine is the snapshot, so a replica remembers the metadata of
+//! its newest snapshot and captures its state again, at its applied index, whenever openraft
+//! reads the current snapshot (a retained copy made every running replica that had built
+//! one hold its data twice). Installing one replaces the snapshot's range only: a replica
+//! that missed a split keeps the data beyond it until the child that owns it installs its
+//! own snapshot. Capturing is still a copy of the range in memory: openraft 0.9 builds one
+//! at every start of a replica whose log was purged (a split child), so that start costs
+//! a scan of its range; engine snapshots streamed lazily are the next step for large shards.
 
 use super::local_shards::{GroupEvent, LocalShards};
 use super::types::{
@@ -46,8 +51,9 @@ use std::sync::{Arc, Mutex};
 /// this is applied again (a retry comes within the request timeout, seconds).
 pub const DEDUP_WINDOW: u64 = 100_000;
 
-/// Snapshot data kept for sending to followers: meta and encoded image.
-type StoredSnapshot = Arc<Mutex<Option<(SnapshotMeta, Vec<u8>)>>>;
+/// The metadata of the newest snapshot built or installed here (`None`: none yet). Its data
+/// is the state machine itself, captured again when openraft reads the current snapshot.
+type StoredSnapshot = Arc<Mutex<Option<SnapshotMeta>>>;
 
 /// What a state machine shares with the rest of its node.
 #[derive(Clone)]
@@ -580,8 +586,8 @@ impl RaftSnapshotBuilder<TypeConfig> for GroupSnapshotBuilder {
         if let Ok(mut slot) = self.store.lock() {
             // A build captured earlier may finish after a newer snapshot was installed; keep
             // the newest (openraft's own record only moves forward too).
-            if slot.as_ref().is_none_or(|(stored, _)| stored.last_log_id <= meta.last_log_id) {
-                *slot = Some((meta.clone(), data.clone()));
+            if slot.as_ref().is_none_or(|stored| stored.last_log_id <= meta.last_log_id) {
+                *slot = Some(meta.clone());
             }
         }
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
@@ -693,7 +699,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         if let Ok(mut slot) = self.current_snapshot.lock() {
-            *slot = Some((meta.clone(), data));
+            *slot = Some(meta.clone());
         }
         let effects = Effects { state, born: Vec::new(), shard_map_changed: self.group == keys::META_GROUP };
         self.publish(effects);
@@ -703,12 +709,17 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         Ok(())
     }
 
+    /// The state as of now (at or above the newest snapshot built or installed, on the state
+    /// machine's task: consistent with `applied`), or `None` before any snapshot.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let slot =
+        let built =
             self.current_snapshot.lock().map_err(|_| sm_read_err(std::io::Error::other("snapshot lock poisoned")))?;
-        Ok(slot
-            .as_ref()
-            .map(|(meta, data)| Snapshot { meta: meta.clone(), snapshot: Box::new(Cursor::new(data.clone())) }))
+        if built.is_none() {
+            return Ok(None);
+        }
+        drop(built);
+        let (meta, data) = self.capture()?;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
 }
 
@@ -741,6 +752,20 @@ mod tests {
         Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Membership(m) }
     }
 
+    /// A put of `{"l":[]}` as document `id` of collection `c`.
+    fn put_batch(id: &str, request_id: &str) -> DocBatch {
+        DocBatch {
+            tenant: "t".into(),
+            ops: vec![DocOp {
+                collection: "c".into(),
+                id: id.into(),
+                action: DocAction::Put { json: r#"{"l":[]}"#.into(), expected: None },
+            }],
+            limits: Limits::default(),
+            request_id: Some(request_id.into()),
+        }
+    }
+
     fn append(id: &str, request_id: &str) -> Command {
         Command::Docs(DocBatch {
             tenant: "t".into(),
@@ -763,16 +788,7 @@ mod tests {
     async fn retried_request_applies_once() {
         let engine: Engine = std::sync::Arc::new(MemEngine::new());
         let mut sm = first_shard(&engine);
-        let create = Command::Docs(DocBatch {
-            tenant: "t".into(),
-            ops: vec![DocOp {
-                collection: "c".into(),
-                id: "d".into(),
-                action: DocAction::Put { json: r#"{"l":[]}"#.into(), expected: None },
-            }],
-            limits: Limits::default(),
-            request_id: Some("r0".into()),
-        });
+        let create = Command::Docs(put_batch("d", "r0"));
         sm.apply(vec![entry(1, create), entry(2, append("d", "r1"))]).await.unwrap();
         let first = sm.apply(vec![entry(3, append("d", "r1"))]).await.unwrap();
         let stored = StoredDoc::decode(&engine.get(Cf::Data, &keys::doc_key("t", "c", "d")).unwrap().unwrap()).unwrap();
@@ -787,11 +803,23 @@ mod tests {
         assert_eq!(stored.json, r#"{"l":[1,1]}"#, "a new request applies");
     }
 
-    fn docs_of(cmd: Command) -> DocBatch {
-        match cmd {
-            Command::Docs(b) => b,
-            other => panic!("not a document batch: {other:?}"),
-        }
+    /// A snapshot's data is not kept once built: the current snapshot is the state as of the
+    /// read (a write applied after the build is in it), and there is none before a build.
+    #[tokio::test]
+    async fn the_current_snapshot_is_the_state_when_read() {
+        let engine: Engine = std::sync::Arc::new(MemEngine::new());
+        let mut sm = first_shard(&engine);
+        let put = |id: &str, index: u64| entry(index, Command::Docs(put_batch(id, &format!("r{index}"))));
+        sm.apply(vec![put("a", 1)]).await.unwrap();
+        assert!(sm.get_current_snapshot().await.unwrap().is_none(), "no snapshot before a build");
+        let built = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
+        assert_eq!(built.meta.last_log_id.map(|l| l.index), Some(1));
+        sm.apply(vec![put("b", 2)]).await.unwrap();
+        let current = sm.get_current_snapshot().await.unwrap().expect("a snapshot after a build");
+        assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(2));
+        let image = SnapshotImage::decode(&current.snapshot.into_inner()).expect("an image");
+        let ids: Vec<Vec<u8>> = image.data.into_iter().map(|(k, _)| k).collect();
+        assert_eq!(ids, vec![keys::doc_key("t", "c", "a"), keys::doc_key("t", "c", "b")]);
     }
 
     /// A batched entry applies each batch on its own: disjoint batches share the entry's
@@ -802,18 +830,7 @@ mod tests {
     async fn batched_entry_applies_each_batch_on_its_own() {
         let engine: Engine = std::sync::Arc::new(MemEngine::new());
         let mut sm = first_shard(&engine);
-        let put = |id: &str, rid: &str| {
-            docs_of(Command::Docs(DocBatch {
-                tenant: "t".into(),
-                ops: vec![DocOp {
-                    collection: "c".into(),
-                    id: id.into(),
-                    action: DocAction::Put { json: r#"{"l":[]}"#.into(), expected: None },
-                }],
-                limits: Limits::default(),
-                request_id: Some(rid.into()),
-            }))
-        };
+        let put = put_batch;
         let many = Command::DocsMany(vec![put("a", "r1"), put("b", "r2"), put("a", "r3"), put("c", "r1")]);
         let out = sm.apply(vec![entry(7, many)]).await.unwrap();
         let CommandResponse::Many(answers) = &out[0] else { panic!("unexpected {out:?}") };
