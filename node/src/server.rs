@@ -82,16 +82,18 @@ pub struct RunningNode {
     pub http_addr: SocketAddr,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    engine: Engine,
 }
 
 impl RunningNode {
-    /// Stops serving and shuts the raft groups down.
+    /// Stops serving, shuts the raft groups down, then stops the engine's background work.
     pub async fn shutdown(self) {
         let _ = self.stop.send(true);
         self.host.shutdown().await;
         for t in self.tasks {
             let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
         }
+        self.engine.close();
     }
 }
 
@@ -124,7 +126,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         Arc::new(RocksEngine::open(&config.data_dir.join("db")).map_err(|e| StartError::Storage(e.to_string()))?);
     let writer = GroupCommit::spawn_thread(engine.clone()).map_err(|e| StartError::Storage(e.to_string()))?;
     let transport = Arc::new(GrpcTransport::new());
-    let (host, api) = build_core(&config, engine, writer, transport).await?;
+    let (host, api) = build_core(&config, engine.clone(), writer, transport).await?;
 
     let grpc_listener = bind(&config.grpc_addr).await?;
     let http_listener = bind(&config.http_addr).await?;
@@ -143,7 +145,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     api.mark_started();
     let http = if config.http_addr.ends_with(":0") { http_addr.to_string() } else { config.http_addr.clone() };
     tasks.push(tokio::spawn(register(config.clone(), http, host.clone(), stop_rx)));
-    Ok(RunningNode { api, host, grpc_addr, http_addr, stop, tasks })
+    Ok(RunningNode { api, host, grpc_addr, http_addr, stop, tasks, engine })
 }
 
 /// Builds a node's raft host (meta group and first shard started) and its `NodeApi` over the

@@ -126,6 +126,9 @@ pub trait KvEngine: Send + Sync + 'static {
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError>;
     /// Approximate bytes stored under `[start, end)` of `cf`, for load reports.
     fn approximate_size(&self, cf: Cf, start: &[u8], end: &[u8]) -> u64;
+    /// Stops the engine's background work before the process exits (the node stopped
+    /// writing). Reads and writes still work; nothing is flushed or compacted after it.
+    fn close(&self) {}
 }
 
 /// Shared handle to a node's engine.

@@ -138,6 +138,13 @@ impl KvEngine for RocksEngine {
         let range = rocksdb::Range::new(start, &end);
         self.db.get_approximate_sizes_cf(handle, &[range]).first().copied().unwrap_or(0)
     }
+
+    /// Waits for running flushes and compactions and starts no more, so none runs while the
+    /// process exits and RocksDB's static objects are destroyed. Synced writes are in the
+    /// WAL already.
+    fn close(&self) {
+        self.db.cancel_all_background_work(true);
+    }
 }
 
 #[cfg(test)]
