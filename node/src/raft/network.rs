@@ -114,6 +114,7 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
             // and term, same prefix), so the follower then accepts and commits exactly what
             // the full request would make it. Each answer moves openraft's search on; once
             // the follower lacks what was probed, it is behind, and entries go as built.
+            let last = rpc.entries.last().map(|e| e.log_id);
             for held in probe_points(&rpc.entries) {
                 let probe: AppendEntriesRequest<TypeConfig> = AppendEntriesRequest {
                     vote: rpc.vote,
@@ -123,7 +124,6 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
                 };
                 match self.rpc(RpcKind::AppendEntries, &probe, option.hard_ttl()).await? {
                     AppendEntriesResponse::Success => {
-                        let last = rpc.entries.last().map(|e| e.log_id);
                         return Ok(if last == Some(held) {
                             AppendEntriesResponse::Success
                         } else {

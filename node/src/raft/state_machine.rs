@@ -45,15 +45,17 @@ use crate::storage::{Cf, Engine, EngineError, WriteBatch};
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
 use std::io::Cursor;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Log entries for which a request's answer is kept: a retried proposal arriving later than
 /// this is applied again (a retry comes within the request timeout, seconds).
 pub const DEDUP_WINDOW: u64 = 100_000;
 
-/// The metadata of the newest snapshot built or installed here (`None`: none yet). Its data
-/// is the state machine itself, captured again when openraft reads the current snapshot.
-type StoredSnapshot = Arc<Mutex<Option<SnapshotMeta>>>;
+/// Whether this replica built or installed a snapshot. The snapshot's data is the state
+/// machine itself, captured again when openraft reads the current snapshot, so nothing else
+/// of it is kept.
+type SnapshotTaken = Arc<AtomicBool>;
 
 /// What a state machine shares with the rest of its node.
 #[derive(Clone)]
@@ -73,7 +75,7 @@ pub struct GroupStateMachine {
     state: Option<GroupState>,
     applied: Option<LogId>,
     membership: StoredMembership,
-    current_snapshot: StoredSnapshot,
+    snapshot_taken: SnapshotTaken,
     /// Advanced after every apply to the last applied index (for waiting readers).
     applied_progress: Arc<Progress>,
     ctx: SmContext,
@@ -236,7 +238,7 @@ impl GroupStateMachine {
             ctx.local.set(s.clone());
         }
         let applied_progress = Arc::new(Progress::new(applied.map(|l| l.index).unwrap_or(0)));
-        Ok(Self { group, engine, state, applied, membership, current_snapshot: Arc::default(), applied_progress, ctx })
+        Ok(Self { group, engine, state, applied, membership, snapshot_taken: Arc::default(), applied_progress, ctx })
     }
 
     /// The last applied index, for readers waiting on a position.
@@ -576,20 +578,14 @@ struct EntryWrites {
 /// Builds a snapshot from data captured when the builder was made.
 pub struct GroupSnapshotBuilder {
     captured: Option<(SnapshotMeta, Vec<u8>)>,
-    store: StoredSnapshot,
+    taken: SnapshotTaken,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for GroupSnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
         let (meta, data) =
             self.captured.take().ok_or_else(|| sm_read_err(std::io::Error::other("snapshot builder used twice")))?;
-        if let Ok(mut slot) = self.store.lock() {
-            // A build captured earlier may finish after a newer snapshot was installed; keep
-            // the newest (openraft's own record only moves forward too).
-            if slot.as_ref().is_none_or(|stored| stored.last_log_id <= meta.last_log_id) {
-                *slot = Some(meta.clone());
-            }
-        }
+        self.taken.store(true, Ordering::Release);
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -647,7 +643,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
                 None
             }
         };
-        GroupSnapshotBuilder { captured, store: self.current_snapshot.clone() }
+        GroupSnapshotBuilder { captured, taken: self.snapshot_taken.clone() }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
@@ -698,9 +694,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         self.engine.write(batch, true).map_err(sm_write_err)?;
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
-        if let Ok(mut slot) = self.current_snapshot.lock() {
-            *slot = Some(meta.clone());
-        }
+        self.snapshot_taken.store(true, Ordering::Release);
         let effects = Effects { state, born: Vec::new(), shard_map_changed: self.group == keys::META_GROUP };
         self.publish(effects);
         if let Some(a) = self.applied {
@@ -712,12 +706,9 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
     /// The state as of now (at or above the newest snapshot built or installed, on the state
     /// machine's task: consistent with `applied`), or `None` before any snapshot.
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        let built =
-            self.current_snapshot.lock().map_err(|_| sm_read_err(std::io::Error::other("snapshot lock poisoned")))?;
-        if built.is_none() {
+        if !self.snapshot_taken.load(Ordering::Acquire) {
             return Ok(None);
         }
-        drop(built);
         let (meta, data) = self.capture()?;
         Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
     }
@@ -830,8 +821,12 @@ mod tests {
     async fn batched_entry_applies_each_batch_on_its_own() {
         let engine: Engine = std::sync::Arc::new(MemEngine::new());
         let mut sm = first_shard(&engine);
-        let put = put_batch;
-        let many = Command::DocsMany(vec![put("a", "r1"), put("b", "r2"), put("a", "r3"), put("c", "r1")]);
+        let many = Command::DocsMany(vec![
+            put_batch("a", "r1"),
+            put_batch("b", "r2"),
+            put_batch("a", "r3"),
+            put_batch("c", "r1"),
+        ]);
         let out = sm.apply(vec![entry(7, many)]).await.unwrap();
         let CommandResponse::Many(answers) = &out[0] else { panic!("unexpected {out:?}") };
         assert!(matches!(&answers[0], CommandResponse::Docs(Ok(r)) if r[0].version == 7));
