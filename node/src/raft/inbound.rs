@@ -14,14 +14,13 @@
 
 use super::host::{ForwardRequest, ForwardResponse, GroupError, GroupHandle, RaftHost};
 use super::network::SnapshotHeader;
-use super::state_machine::SnapshotImage;
+use super::snapshot::{SnapshotData, SnapshotImage};
 use super::types::{GroupId, NodeId, TypeConfig};
 use crate::keys;
 use crate::transport::{Envelope, Inbound, RpcKind};
 use futures::future::BoxFuture;
 use openraft::ServerState;
 use serde::Serialize;
-use std::io::Cursor;
 use std::sync::Arc;
 
 fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, String> {
@@ -197,7 +196,7 @@ impl Inbound for Arc<RaftHost> {
             }
             let h = host.replica_for_raft(group).await?;
             let snapshot =
-                openraft::Snapshot::<TypeConfig> { meta: header.meta, snapshot: Box::new(Cursor::new(data)) };
+                openraft::Snapshot::<TypeConfig> { meta: header.meta, snapshot: Box::new(SnapshotData::Encoded(data)) };
             encode(&h.raft.install_full_snapshot(header.vote, snapshot).await)
         })
     }

@@ -10,5 +10,6 @@ pub mod merge;
 pub mod moves;
 pub mod network;
 pub mod runtime;
+pub mod snapshot;
 pub mod state_machine;
 pub mod types;

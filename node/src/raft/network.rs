@@ -160,7 +160,11 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
         let header = SnapshotHeader { vote, meta: snapshot.meta.clone() };
         let header = serde_json::to_vec(&header)
             .map_err(|e| StreamingError::Network(NetworkError::new(&CodecError(e.to_string()))))?;
-        let data = snapshot.snapshot.into_inner();
+        // A view of the leader's own state is read and encoded here, not when it was built.
+        let data = snapshot
+            .snapshot
+            .into_bytes()
+            .map_err(|e| StreamingError::StorageError(openraft::StorageIOError::read_snapshot(None, &e).into()))?;
         // Bounded by its size and by openraft's cancel signal, not by the per-RPC TTL. Not a
         // fixed generous bound: while a snapshot is in flight openraft sends that follower
         // nothing else, so a transfer lost to a partition or a crash must fail soon enough to

@@ -19,18 +19,15 @@
 //!   this node is left alone;
 //! - apply reads nothing but the entry and stored state (no clock, no randomness).
 //!
-//! Snapshots hold the group's state, its data range and its stored answers in memory
-//! (`Cursor<Vec<u8>>`, streamed in chunks over the network) only while one is built, sent
-//! or installed: the state machine is the snapshot, so a replica remembers the metadata of
-//! its newest snapshot and captures its state again, at its applied index, whenever openraft
-//! reads the current snapshot (a retained copy made every running replica that had built
-//! one hold its data twice). Installing one replaces the snapshot's range only: a replica
-//! that missed a split keeps the data beyond it until the child that owns it installs its
-//! own snapshot. Capturing is still a copy of the range in memory: openraft 0.9 builds one
-//! at every start of a replica whose log was purged (a split child), so that start costs
-//! a scan of its range; engine snapshots streamed lazily are the next step for large shards.
+//! Snapshots (`snapshot.rs`) hold the group's state, its data range and its stored answers.
+//! The state machine is the snapshot: a replica remembers only whether it has built or
+//! installed one, and building it or reading the current one takes an engine snapshot at the
+//! applied index (O(1)), read and encoded only when the snapshot is sent. Installing one
+//! replaces the snapshot's range only: a replica that missed a split keeps the data beyond
+//! it until the child that owns it installs its own snapshot.
 
 use super::local_shards::{GroupEvent, LocalShards};
+use super::snapshot::{SnapshotData, SnapshotImage, SnapshotView};
 use super::types::{
     is_settled, Command, CommandResponse, Entry, GroupId, LogId, Snapshot, SnapshotMeta, SplitDone, StorageError,
     StoredMembership, TypeConfig, Vote,
@@ -40,11 +37,10 @@ use crate::docs::{self, DocBatch, StoredDoc};
 use crate::keys;
 use crate::shard::{self, GroupState, MergeRefused, ShardStatus, SplitAt, SplitRefused};
 use crate::signal::Progress;
-use crate::storage::engine::{prefix_end, KvPairs};
+use crate::storage::engine::{prefix_end, KeyRange};
 use crate::storage::{Cf, Engine, EngineError, WriteBatch};
 use openraft::storage::RaftStateMachine;
 use openraft::{EntryPayload, RaftSnapshotBuilder, StorageIOError};
-use std::io::Cursor;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -53,7 +49,7 @@ use std::sync::Arc;
 pub const DEDUP_WINDOW: u64 = 100_000;
 
 /// Whether this replica built or installed a snapshot. The snapshot's data is the state
-/// machine itself, captured again when openraft reads the current snapshot, so nothing else
+/// machine itself, viewed again when openraft reads the current snapshot, so nothing else
 /// of it is kept.
 type SnapshotTaken = Arc<AtomicBool>;
 
@@ -89,83 +85,6 @@ fn sm_write_err(e: impl std::error::Error + 'static) -> StorageError {
 }
 fn json<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StorageError> {
     serde_json::to_vec(v).map_err(sm_write_err)
-}
-
-/// Encodes key-value pairs as `u32 len | key | u32 len | value` repeated.
-pub fn encode_pairs(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (k, v) in pairs {
-        out.extend_from_slice(&(k.len() as u32).to_be_bytes());
-        out.extend_from_slice(k);
-        out.extend_from_slice(&(v.len() as u32).to_be_bytes());
-        out.extend_from_slice(v);
-    }
-    out
-}
-
-/// Decodes `encode_pairs` output; `None` on truncated or malformed input.
-pub fn decode_pairs(mut bytes: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
-    let mut out = Vec::new();
-    let take = |bytes: &mut &[u8]| -> Option<Vec<u8>> {
-        let len = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
-        let item = bytes.get(4..4 + len)?.to_vec();
-        *bytes = &bytes[4 + len..];
-        Some(item)
-    };
-    while !bytes.is_empty() {
-        let k = take(&mut bytes)?;
-        let v = take(&mut bytes)?;
-        out.push((k, v));
-    }
-    Some(out)
-}
-
-/// A group's snapshot content: its state, its data range and its stored request answers.
-/// Encoded as `u32 header length | header JSON | u64 data length | data pairs | answer pairs`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct SnapshotImage {
-    pub state: Option<GroupState>,
-    pub data: KvPairs,
-    /// `raft_meta` pairs of the group's request answers (keys with the group's prefix).
-    pub answers: KvPairs,
-}
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct SnapshotHeader {
-    state: Option<GroupState>,
-}
-
-impl SnapshotImage {
-    pub fn encode(&self) -> Vec<u8> {
-        let header = serde_json::to_vec(&SnapshotHeader { state: self.state.clone() }).unwrap_or_default();
-        let data = encode_pairs(&self.data);
-        let mut out = Vec::with_capacity(12 + header.len() + data.len());
-        out.extend_from_slice(&(header.len() as u32).to_be_bytes());
-        out.extend_from_slice(&header);
-        out.extend_from_slice(&(data.len() as u64).to_be_bytes());
-        out.extend_from_slice(&data);
-        out.extend_from_slice(&encode_pairs(&self.answers));
-        out
-    }
-
-    /// Only the group state of an encoded image (`None` when malformed), without decoding
-    /// the data.
-    pub fn decode_state(bytes: &[u8]) -> Option<Option<GroupState>> {
-        let header_len = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
-        let header: SnapshotHeader = serde_json::from_slice(bytes.get(4..4 + header_len)?).ok()?;
-        Some(header.state)
-    }
-
-    /// `None` on truncated or malformed input.
-    pub fn decode(bytes: &[u8]) -> Option<Self> {
-        let header_len = u32::from_be_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
-        let header: SnapshotHeader = serde_json::from_slice(bytes.get(4..4 + header_len)?).ok()?;
-        let rest = bytes.get(4 + header_len..)?;
-        let data_len = usize::try_from(u64::from_be_bytes(rest.get(..8)?.try_into().ok()?)).ok()?;
-        let data = decode_pairs(rest.get(8..8 + data_len)?)?;
-        let answers = decode_pairs(rest.get(8 + data_len..)?)?;
-        Some(Self { state: header.state, data, answers })
-    }
 }
 
 /// What applying a command changes beyond its write batch, done once the batch is written.
@@ -527,22 +446,27 @@ impl GroupStateMachine {
         keys::group_meta_key(self.group, "dedup")
     }
 
-    fn capture(&self) -> Result<(SnapshotMeta, Vec<u8>), StorageError> {
-        let data = match &self.state {
+    /// A view of the group's state at its applied index: its metadata, and an engine
+    /// snapshot of its range and answers read only when the snapshot is sent.
+    fn view(&self) -> Result<(SnapshotMeta, SnapshotView), StorageError> {
+        let data_range = match &self.state {
             // A retired group owns nothing (its range is the merged group's).
-            Some(s) if !s.is_retired() => {
-                self.engine.scan(Cf::Data, &s.start, &s.end, usize::MAX).map_err(sm_read_err)?
-            }
-            _ => Vec::new(),
+            Some(s) if !s.is_retired() => Some((s.start.clone(), s.end.clone())),
+            _ => None,
         };
-        let prefix = self.answers_prefix();
-        let answers = self.engine.scan(Cf::RaftMeta, &prefix, &prefix_end(&prefix), usize::MAX).map_err(sm_read_err)?;
+        let answers_prefix = self.answers_prefix();
+        let mut ranges =
+            vec![KeyRange { cf: Cf::RaftMeta, start: answers_prefix.clone(), end: prefix_end(&answers_prefix) }];
+        if let Some((start, end)) = &data_range {
+            ranges.push(KeyRange { cf: Cf::Data, start: start.clone(), end: end.clone() });
+        }
+        let engine = self.engine.snapshot(&ranges).map_err(sm_read_err)?;
         let snapshot_id = match self.applied {
             Some(l) => format!("g{}-t{}-i{}", self.group, l.leader_id.term, l.index),
             None => format!("g{}-empty", self.group),
         };
         let meta = SnapshotMeta { last_log_id: self.applied, last_membership: self.membership.clone(), snapshot_id };
-        Ok((meta, SnapshotImage { state: self.state.clone(), data, answers }.encode()))
+        Ok((meta, SnapshotView { state: self.state.clone(), data_range, answers_prefix, engine }))
     }
 
     /// Publishes what an apply or install changed, once its batch is written.
@@ -575,18 +499,18 @@ struct EntryWrites {
     request_ids: Vec<String>,
 }
 
-/// Builds a snapshot from data captured when the builder was made.
+/// Builds a snapshot from the view taken when the builder was made.
 pub struct GroupSnapshotBuilder {
-    captured: Option<(SnapshotMeta, Vec<u8>)>,
+    captured: Option<(SnapshotMeta, SnapshotView)>,
     taken: SnapshotTaken,
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for GroupSnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let (meta, data) =
+        let (meta, view) =
             self.captured.take().ok_or_else(|| sm_read_err(std::io::Error::other("snapshot builder used twice")))?;
         self.taken.store(true, Ordering::Release);
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        Ok(Snapshot { meta, snapshot: Box::new(SnapshotData::View(view)) })
     }
 }
 
@@ -635,8 +559,8 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        // Captured here, on the state machine task, so the view is consistent with `applied`.
-        let captured = match self.capture() {
+        // Taken here, on the state machine task, so the view is consistent with `applied`.
+        let captured = match self.view() {
             Ok(c) => Some(c),
             Err(e) => {
                 tracing::warn!(group = self.group, error = %e, "capturing snapshot data failed");
@@ -646,16 +570,12 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         GroupSnapshotBuilder { captured, taken: self.snapshot_taken.clone() }
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<SnapshotData>, StorageError> {
+        Ok(Box::new(SnapshotData::Encoded(Vec::new())))
     }
 
-    async fn install_snapshot(
-        &mut self,
-        meta: &SnapshotMeta,
-        snapshot: Box<Cursor<Vec<u8>>>,
-    ) -> Result<(), StorageError> {
-        let data = snapshot.into_inner();
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<SnapshotData>) -> Result<(), StorageError> {
+        let data = snapshot.into_bytes().map_err(sm_read_err)?;
         let malformed =
             |what: String| sm_read_err(std::io::Error::other(format!("snapshot {}: {what}", meta.snapshot_id)));
         let image = SnapshotImage::decode(&data).ok_or_else(|| malformed("malformed".into()))?;
@@ -709,8 +629,8 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         if !self.snapshot_taken.load(Ordering::Acquire) {
             return Ok(None);
         }
-        let (meta, data) = self.capture()?;
-        Ok(Some(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+        let (meta, view) = self.view()?;
+        Ok(Some(Snapshot { meta, snapshot: Box::new(SnapshotData::View(view)) }))
     }
 }
 
@@ -795,7 +715,8 @@ mod tests {
     }
 
     /// A snapshot's data is not kept once built: the current snapshot is the state as of the
-    /// read (a write applied after the build is in it), and there is none before a build.
+    /// read (a write applied after the build is in it), and there is none before a build. A
+    /// built snapshot read after a later write still holds only its own index's state.
     #[tokio::test]
     async fn the_current_snapshot_is_the_state_when_read() {
         let engine: Engine = std::sync::Arc::new(MemEngine::new());
@@ -806,9 +727,11 @@ mod tests {
         let built = sm.get_snapshot_builder().await.build_snapshot().await.unwrap();
         assert_eq!(built.meta.last_log_id.map(|l| l.index), Some(1));
         sm.apply(vec![put("b", 2)]).await.unwrap();
+        let image = SnapshotImage::decode(&built.snapshot.into_bytes().unwrap()).expect("an image");
+        assert_eq!(image.data.len(), 1, "a snapshot read after a later write holds its own index's state");
         let current = sm.get_current_snapshot().await.unwrap().expect("a snapshot after a build");
         assert_eq!(current.meta.last_log_id.map(|l| l.index), Some(2));
-        let image = SnapshotImage::decode(&current.snapshot.into_inner()).expect("an image");
+        let image = SnapshotImage::decode(&current.snapshot.into_bytes().unwrap()).expect("an image");
         let ids: Vec<Vec<u8>> = image.data.into_iter().map(|(k, _)| k).collect();
         assert_eq!(ids, vec![keys::doc_key("t", "c", "a"), keys::doc_key("t", "c", "b")]);
     }
@@ -994,26 +917,5 @@ mod tests {
         assert!(behind.state.as_ref().is_some_and(|s| s.is_retired()));
         assert!(retired_by_snapshot(&lagging, keys::FIRST_SHARD).unwrap());
         assert_eq!(lagging.get(Cf::Data, &keys::doc_key("t", "c", "x")).unwrap(), Some(b"old".to_vec()));
-    }
-
-    #[test]
-    fn snapshot_image_round_trips_and_rejects_truncation() {
-        let image = SnapshotImage {
-            state: Some(GroupState::initial(3, (vec![1], vec![]))),
-            data: vec![(b"a".to_vec(), b"1".to_vec())],
-            answers: vec![(b"k".to_vec(), vec![7; 40])],
-        };
-        let bytes = image.encode();
-        assert_eq!(SnapshotImage::decode(&bytes), Some(image));
-        assert_eq!(SnapshotImage::decode(&bytes[..bytes.len() - 1]), None);
-        assert_eq!(SnapshotImage::decode(&bytes[..10]), None);
-    }
-
-    #[test]
-    fn pairs_round_trip_and_reject_truncation() {
-        let pairs = vec![(b"a".to_vec(), b"1".to_vec()), (vec![], vec![0; 300])];
-        let enc = encode_pairs(&pairs);
-        assert_eq!(decode_pairs(&enc), Some(pairs));
-        assert_eq!(decode_pairs(&enc[..enc.len() - 1]), None);
     }
 }

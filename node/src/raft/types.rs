@@ -8,7 +8,6 @@ use crate::catalog::{CatalogCommand, CatalogResponse};
 use crate::docs::{BatchError, DocBatch, DocWriteResult};
 use crate::shard::{GroupState, MergeRefused, SplitAt, SplitRefused};
 use serde::{Deserialize, Serialize};
-use std::io::Cursor;
 
 /// Node id type (shared across groups).
 pub type NodeId = u64;
@@ -97,7 +96,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = super::snapshot::SnapshotData,
         AsyncRuntime = crate::raft::runtime::FloeRuntime,
 );
 

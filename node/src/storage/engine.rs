@@ -1,6 +1,7 @@
 //! The storage engine interface every node writes through.
 //!
-//! Owns: the column-family names, the `WriteBatch` type and the `KvEngine` trait. RocksDB
+//! Owns: the column-family names, the `WriteBatch` type, the `KvEngine` trait and its
+//! point-in-time views (`EngineSnapshot`). RocksDB
 //! implements it in production (`rocks.rs`); an in-memory engine that can lose unsynced writes
 //! implements it for tests and the simulator (`mem.rs`). Both pass the same conformance tests.
 //!
@@ -8,6 +9,8 @@
 //! - a `WriteBatch` is atomic: after a crash either all of it is visible or none of it;
 //! - a write with `sync = true` is durable when `write` returns, and so is every write that
 //!   returned before it (one shared write-ahead log);
+//! - an `EngineSnapshot` reads its ranges as they were when it was taken, whatever is
+//!   written after;
 //! - this module knows nothing of raft or documents and never depends on RocksDB.
 
 use std::sync::Arc;
@@ -113,6 +116,21 @@ pub type KvPair = (Vec<u8>, Vec<u8>);
 /// Key-value pairs in key order.
 pub type KvPairs = Vec<KvPair>;
 
+/// A key range of one column family: `start <= key < end` (`end` empty: no upper bound).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRange {
+    pub cf: Cf,
+    pub start: Vec<u8>,
+    pub end: Vec<u8>,
+}
+
+/// A read-only view of an engine's ranges as of the moment it was taken.
+pub trait EngineSnapshot: Send + Sync + 'static {
+    /// Up to `limit` pairs with `start <= key < end` (`end` empty: no upper bound), in
+    /// order. Only keys inside the ranges the view was taken of are certain to be seen.
+    fn scan(&self, cf: Cf, start: &[u8], end: &[u8], limit: usize) -> Result<KvPairs, EngineError>;
+}
+
 /// A node's database.
 pub trait KvEngine: Send + Sync + 'static {
     fn get(&self, cf: Cf, key: &[u8]) -> Result<Option<Vec<u8>>, EngineError>;
@@ -124,6 +142,9 @@ pub trait KvEngine: Send + Sync + 'static {
     fn last(&self, cf: Cf, start: &[u8], end: &[u8]) -> Result<Option<KvPair>, EngineError>;
     /// Applies `batch` atomically; with `sync` it is durable on return.
     fn write(&self, batch: WriteBatch, sync: bool) -> Result<(), EngineError>;
+    /// A view of `ranges` as of now: writes after it are not seen through it. RocksDB's
+    /// costs O(1) whatever the ranges; the in-memory engine copies them.
+    fn snapshot(&self, ranges: &[KeyRange]) -> Result<Arc<dyn EngineSnapshot>, EngineError>;
     /// Approximate bytes stored under `[start, end)` of `cf`, for load reports.
     fn approximate_size(&self, cf: Cf, start: &[u8], end: &[u8]) -> u64;
     /// Stops the engine's background work before the process exits (the node stopped
@@ -161,6 +182,7 @@ pub(crate) mod conformance {
         scan_bounds_and_limit(engine);
         delete_range(engine);
         batches_are_atomic_and_ordered(engine);
+        snapshot_reads_the_past(engine);
     }
 
     fn put_get_delete(e: &dyn KvEngine) {
@@ -219,6 +241,28 @@ pub(crate) mod conformance {
         b.put(Cf::Data, b"o".to_vec(), b"2".to_vec());
         e.write(b, false).unwrap();
         assert_eq!(e.get(Cf::Data, b"o").unwrap(), Some(b"2".to_vec()));
+    }
+
+    fn snapshot_reads_the_past(e: &dyn KvEngine) {
+        let put = |k: &[u8], v: &[u8]| {
+            let mut b = WriteBatch::new();
+            b.put(Cf::Data, k.to_vec(), v.to_vec());
+            e.write(b, false).unwrap();
+        };
+        put(b"v1", b"old");
+        put(b"v2", b"old");
+        let range = KeyRange { cf: Cf::Data, start: b"v".to_vec(), end: prefix_end(b"v") };
+        let view = e.snapshot(std::slice::from_ref(&range)).unwrap();
+        put(b"v1", b"new");
+        put(b"v3", b"new");
+        let mut b = WriteBatch::new();
+        b.delete(Cf::Data, b"v2".to_vec());
+        e.write(b, true).unwrap();
+        let seen = view.scan(Cf::Data, b"v", &prefix_end(b"v"), 100).unwrap();
+        assert_eq!(seen, vec![(b"v1".to_vec(), b"old".to_vec()), (b"v2".to_vec(), b"old".to_vec())]);
+        assert_eq!(view.scan(Cf::Data, b"v2", b"", 1).unwrap().len(), 1, "bounds and limit apply");
+        let now = e.scan(Cf::Data, b"v", &prefix_end(b"v"), 100).unwrap();
+        assert_eq!(now, vec![(b"v1".to_vec(), b"new".to_vec()), (b"v3".to_vec(), b"new".to_vec())]);
     }
 
     #[test]

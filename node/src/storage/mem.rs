@@ -7,9 +7,11 @@
 //! Invariant: `visible == durable + pending applied in order`; a synced write moves every
 //! pending batch (and itself) into `durable`.
 
-use super::engine::{in_range, Cf, EngineError, KvEngine, KvPair, KvPairs, WriteBatch, WriteOp};
+use super::engine::{
+    in_range, Cf, EngineError, EngineSnapshot, KeyRange, KvEngine, KvPair, KvPairs, WriteBatch, WriteOp,
+};
 use std::collections::BTreeMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 type Tables = BTreeMap<Cf, BTreeMap<Vec<u8>, Vec<u8>>>;
 
@@ -79,6 +81,17 @@ fn apply_owned(tables: &mut Tables, batch: WriteBatch) {
 
 fn scan_tables(tables: &Tables, cf: Cf, start: &[u8], end: &[u8], limit: usize) -> KvPairs {
     range_of(tables, cf, start, end).take(limit).map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// A copy of the ranges a snapshot was taken of.
+struct MemSnapshot {
+    tables: Tables,
+}
+
+impl EngineSnapshot for MemSnapshot {
+    fn scan(&self, cf: Cf, start: &[u8], end: &[u8], limit: usize) -> Result<KvPairs, EngineError> {
+        Ok(scan_tables(&self.tables, cf, start, end, limit))
+    }
 }
 
 impl MemEngine {
@@ -162,6 +175,17 @@ impl KvEngine for MemEngine {
             inner.pending.push(batch);
         }
         Ok(())
+    }
+
+    /// Copies `ranges` (the simulator's shards are small).
+    fn snapshot(&self, ranges: &[KeyRange]) -> Result<Arc<dyn EngineSnapshot>, EngineError> {
+        let inner = self.lock();
+        let mut tables = Tables::new();
+        for r in ranges {
+            let copy = range_of(&inner.visible, r.cf, &r.start, &r.end).map(|(k, v)| (k.clone(), v.clone()));
+            tables.entry(r.cf).or_default().extend(copy);
+        }
+        Ok(Arc::new(MemSnapshot { tables }))
     }
 
     fn approximate_size(&self, cf: Cf, start: &[u8], end: &[u8]) -> u64 {

@@ -3,9 +3,15 @@
 //! Owns: opening the database and translating `WriteBatch` to RocksDB's. Synced writes go
 //! through the write-ahead log with `sync = true`; unsynced ones still go through the WAL
 //! (never `disable_wal`), so a later synced write makes them durable too.
+//!
+//! Snapshots (`RocksSnapshot`) are RocksDB snapshots that hold their database open: the
+//! binding's snapshot borrows the database, so each is kept in a self-referential cell
+//! (`self_cell`) beside the `Arc` it borrows from.
 
-use super::engine::{Cf, EngineError, KvEngine, KvPair, KvPairs, WriteBatch, WriteOp};
-use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, WriteOptions, DB};
+use super::engine::{Cf, EngineError, EngineSnapshot, KeyRange, KvEngine, KvPair, KvPairs, WriteBatch, WriteOp};
+use rocksdb::{
+    ColumnFamilyDescriptor, Direction, IteratorMode, Options, ReadOptions, SnapshotWithThreadMode, WriteOptions, DB,
+};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -44,7 +50,40 @@ impl RocksEngine {
     }
 
     fn cf(&self, cf: Cf) -> Result<&rocksdb::ColumnFamily, EngineError> {
-        self.db.cf_handle(cf.name()).ok_or_else(|| EngineError::Corrupt(format!("column family {} missing", cf.name())))
+        cf_of(&self.db, cf)
+    }
+}
+
+fn cf_of(db: &DB, cf: Cf) -> Result<&rocksdb::ColumnFamily, EngineError> {
+    db.cf_handle(cf.name()).ok_or_else(|| EngineError::Corrupt(format!("column family {} missing", cf.name())))
+}
+
+fn forward_scan_options(end: &[u8]) -> ReadOptions {
+    let mut ro = ReadOptions::default();
+    if !end.is_empty() {
+        ro.set_iterate_upper_bound(end.to_vec());
+    }
+    ro
+}
+
+/// A snapshot borrowing its database.
+type BorrowedSnapshot<'db> = SnapshotWithThreadMode<'db, DB>;
+
+self_cell::self_cell!(
+    /// A RocksDB snapshot of the whole database that keeps the database open (the cell
+    /// drops the snapshot before the `Arc` it borrows).
+    struct RocksSnapshot {
+        owner: Arc<DB>,
+        #[covariant]
+        dependent: BorrowedSnapshot,
+    }
+);
+
+impl EngineSnapshot for RocksSnapshot {
+    fn scan(&self, cf: Cf, start: &[u8], end: &[u8], limit: usize) -> Result<KvPairs, EngineError> {
+        let handle = cf_of(self.borrow_owner(), cf)?;
+        let mode = IteratorMode::From(start, Direction::Forward);
+        scan_with(self.borrow_dependent().iterator_cf_opt(handle, forward_scan_options(end), mode), end, limit)
     }
 }
 
@@ -72,12 +111,18 @@ impl KvEngine for RocksEngine {
     }
 
     fn scan(&self, cf: Cf, start: &[u8], end: &[u8], limit: usize) -> Result<KvPairs, EngineError> {
-        let mut ro = ReadOptions::default();
-        if !end.is_empty() {
-            ro.set_iterate_upper_bound(end.to_vec());
-        }
-        let iter = self.db.iterator_cf_opt(self.cf(cf)?, ro, IteratorMode::From(start, Direction::Forward));
+        let iter = self.db.iterator_cf_opt(
+            self.cf(cf)?,
+            forward_scan_options(end),
+            IteratorMode::From(start, Direction::Forward),
+        );
         scan_with(iter, end, limit)
+    }
+
+    /// The whole database as of now, whatever `ranges` are (a RocksDB snapshot is a sequence
+    /// number: O(1), and it pins older versions only while it lives).
+    fn snapshot(&self, _ranges: &[KeyRange]) -> Result<Arc<dyn EngineSnapshot>, EngineError> {
+        Ok(Arc::new(RocksSnapshot::new(self.db.clone(), |db| db.snapshot())))
     }
 
     fn multi_get(&self, cf: Cf, keys: &[Vec<u8>]) -> Result<Vec<Option<Vec<u8>>>, EngineError> {
@@ -156,6 +201,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let engine = RocksEngine::open(dir.path()).unwrap();
         super::super::engine::conformance::run_all(&engine);
+    }
+
+    /// A snapshot keeps the database open after the engine is dropped, and reads its past.
+    #[test]
+    fn a_snapshot_outlives_its_engine() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = RocksEngine::open(dir.path()).unwrap();
+        let mut b = WriteBatch::new();
+        b.put(Cf::Data, b"k".to_vec(), b"v".to_vec());
+        engine.write(b, true).unwrap();
+        let view = engine.snapshot(&[]).unwrap();
+        let mut b = WriteBatch::new();
+        b.delete(Cf::Data, b"k".to_vec());
+        engine.write(b, true).unwrap();
+        drop(engine);
+        assert_eq!(view.scan(Cf::Data, b"", b"", 10).unwrap(), vec![(b"k".to_vec(), b"v".to_vec())]);
     }
 
     #[test]
