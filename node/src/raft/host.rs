@@ -969,8 +969,9 @@ impl RaftHost {
         }
     }
 
-    /// Stops the running replica of `group` and keeps it dormant (hibernation). Returns false
-    /// when it was not running or `still_idle` said no under the lifecycle lock.
+    /// Stops the running replica of `group`, keeps it dormant and purges its log but the
+    /// last entry (hibernation; see `log_store::compact_stopped`). Returns false when it was
+    /// not running or `still_idle` said no under the lifecycle lock.
     pub async fn hibernate_group(
         self: &Arc<Self>,
         group: GroupId,
@@ -990,6 +991,10 @@ impl RaftHost {
         }
         // Requests arriving now wake a new incarnation after this one stopped (same lock).
         let _ = h.raft.shutdown().await;
+        // Under the same lock, so no incarnation runs while the log shrinks.
+        if let Err(e) = super::log_store::compact_stopped(&self.engine, group) {
+            tracing::warn!(group, error = %e, "compacting a hibernated replica's log failed");
+        }
         true
     }
 

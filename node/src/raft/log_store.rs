@@ -8,14 +8,16 @@
 //! - `save_vote` returns only after the vote is synced;
 //! - `append` reports `log_io_completed` only after the entries are synced;
 //! - vote, append, truncate and purge go through the one writer, so they reach disk in the
-//!   order openraft issued them.
+//!   order openraft issued them;
+//! - `compact_stopped` runs only on a stopped replica (hibernation) and keeps its last entry,
+//!   so a woken leader finds where each follower's log ends from that one entry.
 
 use super::types::{Entry, GroupId, LogId, StorageError, TypeConfig, Vote};
 use crate::keys;
 use crate::signal::Progress;
 use crate::storage::engine::prefix_end;
 use crate::storage::group_commit::GroupCommit;
-use crate::storage::{Cf, Engine, WriteBatch};
+use crate::storage::{Cf, Engine, EngineError, WriteBatch};
 use openraft::storage::{LogFlushed, RaftLogStorage};
 use openraft::{LogState, RaftLogReader, StorageIOError};
 use std::fmt::Debug;
@@ -74,6 +76,39 @@ impl LogStore {
     fn end_key(&self) -> Vec<u8> {
         prefix_end(&self.group.to_be_bytes())
     }
+}
+
+/// Purges every entry of a stopped replica's log but the last, when it applied them all
+/// (hibernation stops a replica only then; the caller holds its lifecycle lock). Returns the
+/// new purge point, or `None` when there was nothing to drop.
+///
+/// Why: a replica restarts without its peers' replication progress, and openraft 0.9 starts
+/// looking for a follower's log end halfway through the leader's log, reading its way to the
+/// end in `APPEND_BYTES_MAX` steps. A woken leader of a shard whose log held a few MB read
+/// and decoded all of it for each follower, at every wake. With one entry left it reads one.
+/// Nothing is lost: every replica holds and applied every entry when the group hibernates,
+/// and a replica that ever needs older entries gets a snapshot, as after any purge.
+pub fn compact_stopped(engine: &Engine, group: GroupId) -> Result<Option<LogId>, EngineError> {
+    let corrupt = |what: &str, e: serde_json::Error| EngineError::Corrupt(format!("group {group} {what}: {e}"));
+    let (start, end) = (keys::log_key(group, 0), prefix_end(&group.to_be_bytes()));
+    let Some((_, last)) = engine.last(Cf::RaftLog, &start, &end)? else { return Ok(None) };
+    let last = serde_json::from_slice::<Entry>(&last).map_err(|e| corrupt("last entry", e))?.log_id;
+    let applied: Option<LogId> = match engine.get(Cf::RaftMeta, &keys::group_meta_key(group, "applied"))? {
+        Some(v) => serde_json::from_slice(&v).map_err(|e| corrupt("applied", e))?,
+        None => None,
+    };
+    if last.index == 0 || applied.is_none_or(|a| a.index < last.index) {
+        return Ok(None);
+    }
+    let Some(before) = engine.get(Cf::RaftLog, &keys::log_key(group, last.index - 1))? else { return Ok(None) };
+    let upto = serde_json::from_slice::<Entry>(&before).map_err(|e| corrupt("entry", e))?.log_id;
+    let mut batch = WriteBatch::new();
+    let purged = serde_json::to_vec(&upto).map_err(|e| corrupt("purge point", e))?;
+    batch.put(Cf::RaftMeta, keys::group_meta_key(group, "purged"), purged);
+    batch.delete_range(Cf::RaftLog, start, keys::log_key(group, last.index));
+    // Not synced: a purge lost in a crash only leaves the longer log.
+    engine.write(batch, false)?;
+    Ok(Some(upto))
 }
 
 impl RaftLogReader<TypeConfig> for LogStore {
@@ -209,5 +244,50 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         b.put(Cf::RaftMeta, k, v);
         b.delete_range(Cf::RaftLog, self.first_key(), keys::log_key(self.group, log_id.index.saturating_add(1)));
         self.writer.write_synced(b).await.map_err(write_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::mem::MemEngine;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn put_entries(engine: &Engine, group: GroupId, indexes: std::ops::RangeInclusive<u64>) {
+        let mut b = WriteBatch::new();
+        for index in indexes {
+            let entry = Entry { log_id: LogId::new(CommittedLeaderId::new(2, 1), index), payload: EntryPayload::Blank };
+            b.put(Cf::RaftLog, keys::log_key(group, index), serde_json::to_vec(&entry).unwrap());
+        }
+        engine.write(b, true).unwrap();
+    }
+
+    fn set_applied(engine: &Engine, group: GroupId, index: u64) {
+        let mut b = WriteBatch::new();
+        let applied = Some(LogId::new(CommittedLeaderId::new(2, 1), index));
+        b.put(Cf::RaftMeta, keys::group_meta_key(group, "applied"), serde_json::to_vec(&applied).unwrap());
+        engine.write(b, true).unwrap();
+    }
+
+    /// A stopped replica that applied its whole log keeps only its last entry, and the log
+    /// state openraft reads on restart says so; a replica behind on applying, another group
+    /// and a one-entry log are left alone.
+    #[tokio::test]
+    async fn a_stopped_replica_keeps_only_its_last_entry() {
+        let engine: Engine = Arc::new(MemEngine::new());
+        put_entries(&engine, 7, 1..=50);
+        put_entries(&engine, 8, 1..=5);
+        set_applied(&engine, 7, 49);
+        assert_eq!(compact_stopped(&engine, 7).unwrap(), None, "entry 50 is not applied");
+        set_applied(&engine, 7, 50);
+        assert_eq!(compact_stopped(&engine, 7).unwrap().map(|l| l.index), Some(49));
+        assert_eq!(compact_stopped(&engine, 7).unwrap(), None, "one entry left");
+        let mut store = LogStore::new(7, engine.clone(), GroupCommit::inline(engine.clone()), Arc::default());
+        let state = store.get_log_state().await.unwrap();
+        assert_eq!(state.last_purged_log_id.map(|l| l.index), Some(49));
+        assert_eq!(state.last_log_id.map(|l| l.index), Some(50));
+        assert_eq!(store.try_get_log_entries(0..100).await.unwrap().len(), 1);
+        let other = engine.scan(Cf::RaftLog, &keys::log_key(8, 0), &keys::log_key(9, 0), 100).unwrap();
+        assert_eq!(other.len(), 5, "another group's log is untouched");
     }
 }
