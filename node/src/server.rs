@@ -4,7 +4,9 @@
 //! Bootstrap rule (etcd's `--initial-cluster` convention): every node starts with the same
 //! member list; the node with the lowest id initializes the meta group and the first shard
 //! group once, on an empty data dir. A restarted node finds its raft state on disk and
-//! rejoins. Every node (re-)registers its addresses in the catalog on each start.
+//! rejoins. Every node (re-)registers its addresses in the catalog on each start. A node
+//! started with `--join` and no raft state refuses vote requests until the cluster confirms
+//! the join (a wiped machine under a voter's old id is refused, and must not vote first).
 
 use crate::api::grpc::GrpcApi;
 use crate::api::NodeApi;
@@ -126,7 +128,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         Arc::new(RocksEngine::open(&config.data_dir.join("db")).map_err(|e| StartError::Storage(e.to_string()))?);
     let writer = GroupCommit::spawn_thread(engine.clone()).map_err(|e| StartError::Storage(e.to_string()))?;
     let transport = Arc::new(GrpcTransport::new());
+    let has_state = crate::raft::state_machine::has_raft_state(&engine, keys::META_GROUP)
+        .map_err(|e| StartError::Storage(e.to_string()))?;
     let (host, api) = build_core(&config, engine.clone(), writer, transport).await?;
+    if config.join.is_some() && !has_state {
+        host.hold_votes();
+    }
 
     let grpc_listener = bind(&config.grpc_addr).await?;
     let http_listener = bind(&config.http_addr).await?;
@@ -141,6 +148,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     bootstrap(&config, &host).await?;
     if let Some(member) = &config.join {
         join(&config, member, &host).await?;
+        host.release_votes();
     }
     api.mark_started();
     let http = if config.http_addr.ends_with(":0") { http_addr.to_string() } else { config.http_addr.clone() };

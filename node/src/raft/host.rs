@@ -294,6 +294,10 @@ pub struct RaftHost {
     started: tokio::time::Instant,
     /// Messages received from peers (for `/metrics`: an idle cluster should receive none).
     pub(super) messages_received: AtomicU64,
+    /// Set while a node without raft state joins (`hold_votes`): it grants no vote until the
+    /// cluster confirmed the join, since a wiped machine under a voter's old id would vote
+    /// with an empty log.
+    votes_held: std::sync::atomic::AtomicBool,
     /// Dormant replicas started again.
     wakes: AtomicU64,
     /// Dormant replicas woken because the node that led them went down.
@@ -428,6 +432,7 @@ impl RaftHost {
             load_reports: Mutex::new(BTreeMap::new()),
             api_calls: std::sync::OnceLock::new(),
             messages_received: AtomicU64::new(0),
+            votes_held: std::sync::atomic::AtomicBool::new(false),
             wakes: AtomicU64::new(0),
             peer_down_wakes: AtomicU64::new(0),
             starts: AtomicU64::new(0),
@@ -451,6 +456,23 @@ impl RaftHost {
         timeout: Duration,
     ) -> Result<Vec<u8>, TransportError> {
         self.transport.call(addr, envelope, kind, payload, timeout).await
+    }
+
+    /// Refuses vote requests until `release_votes` (a node that has no raft state and joins:
+    /// if the cluster still counts a wiped machine with its id as a voter, the join is
+    /// refused, and meanwhile it must not vote with its empty log for a stale candidate).
+    pub fn hold_votes(&self) {
+        self.votes_held.store(true, Ordering::Release);
+    }
+
+    /// Grants votes again (the join was confirmed).
+    pub fn release_votes(&self) {
+        self.votes_held.store(false, Ordering::Release);
+    }
+
+    /// True while vote requests are refused (see `hold_votes`).
+    pub fn votes_held(&self) -> bool {
+        self.votes_held.load(Ordering::Acquire)
     }
 
     /// Messages received from peers so far.
@@ -1984,6 +2006,31 @@ mod tests {
             CommandResponse::Docs(Ok(results)) => assert!(results[0].version > 1_000, "{results:?}"),
             other => panic!("unexpected {other:?}"),
         }
+        host.shutdown().await;
+    }
+
+    /// A joining node without data refuses vote requests until its join is confirmed (a
+    /// wiped machine under a voter's old id must not vote with its empty log), then grants.
+    #[tokio::test]
+    async fn a_held_node_refuses_votes_until_released() {
+        use crate::transport::{Envelope, Inbound, RpcKind};
+        let engine: Engine = Arc::new(MemEngine::new());
+        let writer = GroupCommit::inline(engine.clone());
+        let config = HostConfig { node_id: 1, cluster_id: "t".into(), tuning: RaftTuning::default() };
+        let host = RaftHost::new(config, engine, writer, Arc::new(crate::transport::grpc::GrpcTransport::new()))
+            .expect("host");
+        host.start_group(crate::keys::META_GROUP).await.expect("meta replica");
+        let env = Envelope { cluster_id: "t".into(), group_id: crate::keys::META_GROUP, from_node: 2, to_node: 1 };
+        let request = openraft::raft::VoteRequest::<NodeId> { vote: Vote::new(3, 2), last_log_id: None };
+        let payload = serde_json::to_vec(&request).unwrap();
+        host.hold_votes();
+        let refused = host.handle(env.clone(), RpcKind::Vote, payload.clone()).await;
+        assert!(refused.as_ref().is_err_and(|e| e.contains("joining")), "{refused:?}");
+        host.release_votes();
+        let reply = host.handle(env, RpcKind::Vote, payload).await.expect("a vote reply");
+        let reply: Result<openraft::raft::VoteResponse<NodeId>, serde_json::Value> =
+            serde_json::from_slice(&reply).unwrap();
+        assert!(reply.is_ok_and(|r| r.vote_granted), "an empty replica grants the vote once released");
         host.shutdown().await;
     }
 }

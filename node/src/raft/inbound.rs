@@ -117,6 +117,12 @@ impl Inbound for Arc<RaftHost> {
                     encode(&h.raft.append_entries(req).await)
                 }
                 RpcKind::Vote => {
+                    if host.votes_held() {
+                        return Err(format!(
+                            "node {} has no data and is joining: it votes once the cluster confirms the join",
+                            host.config.node_id
+                        ));
+                    }
                     let req: openraft::raft::VoteRequest<NodeId> =
                         serde_json::from_slice(&payload).map_err(|e| e.to_string())?;
                     if req.vote.leader_id().voted_for() == Some(env.from_node) {
