@@ -579,6 +579,7 @@ impl RaftStateMachine<TypeConfig> for GroupStateMachine {
         let malformed =
             |what: String| sm_read_err(std::io::Error::other(format!("snapshot {}: {what}", meta.snapshot_id)));
         let image = SnapshotImage::decode(&data).ok_or_else(|| malformed("malformed".into()))?;
+        drop(data); // the image holds it all now
         let state = image.state.clone().or_else(|| self.state.clone());
         let mut batch = WriteBatch::new();
         let marker = keys::group_meta_key(self.group, RETIRED_BY_SNAPSHOT);

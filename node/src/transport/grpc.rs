@@ -116,16 +116,19 @@ impl Transport for GrpcTransport {
         let channel = self.channel(&addr);
         Box::pin(async move {
             let mut client = RaftTransportClient::new(channel?).max_decoding_message_size(64 << 20);
-            let mut chunks = vec![SnapshotChunk {
+            let first = SnapshotChunk {
                 envelope: Some(envelope_to_proto(&envelope, header)),
                 data: Vec::new(),
                 done: data.is_empty(),
-            }];
+            };
+            // Each chunk is copied out of `data` only when the stream sends it, so the image
+            // is held once, not twice.
             let n = data.len().div_ceil(SNAPSHOT_CHUNK_BYTES_MAX);
-            for (i, part) in data.chunks(SNAPSHOT_CHUNK_BYTES_MAX).enumerate() {
-                chunks.push(SnapshotChunk { envelope: None, data: part.to_vec(), done: i + 1 == n });
-            }
-            let stream = tokio_stream::iter(chunks);
+            let rest = (0..n).map(move |i| {
+                let part = &data[i * SNAPSHOT_CHUNK_BYTES_MAX..data.len().min((i + 1) * SNAPSHOT_CHUNK_BYTES_MAX)];
+                SnapshotChunk { envelope: None, data: part.to_vec(), done: i + 1 == n }
+            });
+            let stream = tokio_stream::iter(std::iter::once(first).chain(rest));
             match tokio::time::timeout(timeout, client.install_snapshot(Request::new(stream))).await {
                 Err(_) => Err(TransportError::Timeout(timeout)),
                 Ok(Err(s)) => Err(map_status(s, timeout)),
