@@ -160,10 +160,14 @@ impl RaftNetwork<TypeConfig> for GroupNetwork {
         let header = SnapshotHeader { vote, meta: snapshot.meta.clone() };
         let header = serde_json::to_vec(&header)
             .map_err(|e| StreamingError::Network(NetworkError::new(&CodecError(e.to_string()))))?;
-        // A view of the leader's own state is read and encoded here, not when it was built.
-        let data = snapshot
-            .snapshot
-            .into_bytes()
+        // A view of the leader's own state is read and encoded here, not when it was built:
+        // a scan of the whole range, so on a multi-threaded runtime the worker hands its other
+        // tasks (every group's heartbeats) to another thread meanwhile. The simulator's
+        // single-threaded runtime encodes inline (deterministic, and its shards are small).
+        let encode = move || snapshot.snapshot.into_bytes();
+        let multi_threaded =
+            tokio::runtime::Handle::current().runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread;
+        let data = if multi_threaded { tokio::task::block_in_place(encode) } else { encode() }
             .map_err(|e| StreamingError::StorageError(openraft::StorageIOError::read_snapshot(None, &e).into()))?;
         // Bounded by its size and by openraft's cancel signal, not by the per-RPC TTL. Not a
         // fixed generous bound: while a snapshot is in flight openraft sends that follower
