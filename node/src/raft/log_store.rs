@@ -68,14 +68,33 @@ impl LogStore {
         Ok((keys::group_meta_key(self.group, field), serde_json::to_vec(value).map_err(write_err)?))
     }
 
-    fn first_key(&self) -> Vec<u8> {
-        keys::log_key(self.group, 0)
-    }
-
     /// One past the last possible key of this group's log.
     fn end_key(&self) -> Vec<u8> {
-        prefix_end(&self.group.to_be_bytes())
+        log_end_key(self.group)
     }
+}
+
+/// One past the last possible key of `group`'s log.
+fn log_end_key(group: GroupId) -> Vec<u8> {
+    prefix_end(&group.to_be_bytes())
+}
+
+/// The id of the last entry stored in `group`'s log (`None`: the log holds no entry).
+fn last_stored_log_id(engine: &Engine, group: GroupId) -> Result<Option<LogId>, EngineError> {
+    let Some((_, value)) = engine.last(Cf::RaftLog, &keys::log_key(group, 0), &log_end_key(group))? else {
+        return Ok(None);
+    };
+    let entry: Entry = serde_json::from_slice(&value)
+        .map_err(|e| EngineError::Corrupt(format!("group {group}'s last log entry: {e}")))?;
+    Ok(Some(entry.log_id))
+}
+
+/// The write that purges `group`'s log through `upto`: the purge point and the entries.
+fn purge_batch(group: GroupId, upto: &LogId) -> Result<WriteBatch, serde_json::Error> {
+    let mut batch = WriteBatch::new();
+    batch.put(Cf::RaftMeta, keys::group_meta_key(group, "purged"), serde_json::to_vec(upto)?);
+    batch.delete_range(Cf::RaftLog, keys::log_key(group, 0), keys::log_key(group, upto.index.saturating_add(1)));
+    Ok(batch)
 }
 
 /// Purges every entry of a stopped replica's log but the last, when it applied them all
@@ -90,9 +109,7 @@ impl LogStore {
 /// and a replica that ever needs older entries gets a snapshot, as after any purge.
 pub fn compact_stopped(engine: &Engine, group: GroupId) -> Result<Option<LogId>, EngineError> {
     let corrupt = |what: &str, e: serde_json::Error| EngineError::Corrupt(format!("group {group} {what}: {e}"));
-    let (start, end) = (keys::log_key(group, 0), prefix_end(&group.to_be_bytes()));
-    let Some((_, last)) = engine.last(Cf::RaftLog, &start, &end)? else { return Ok(None) };
-    let last = serde_json::from_slice::<Entry>(&last).map_err(|e| corrupt("last entry", e))?.log_id;
+    let Some(last) = last_stored_log_id(engine, group)? else { return Ok(None) };
     let applied: Option<LogId> = match engine.get(Cf::RaftMeta, &keys::group_meta_key(group, "applied"))? {
         Some(v) => serde_json::from_slice(&v).map_err(|e| corrupt("applied", e))?,
         None => None,
@@ -102,12 +119,8 @@ pub fn compact_stopped(engine: &Engine, group: GroupId) -> Result<Option<LogId>,
     }
     let Some(before) = engine.get(Cf::RaftLog, &keys::log_key(group, last.index - 1))? else { return Ok(None) };
     let upto = serde_json::from_slice::<Entry>(&before).map_err(|e| corrupt("entry", e))?.log_id;
-    let mut batch = WriteBatch::new();
-    let purged = serde_json::to_vec(&upto).map_err(|e| corrupt("purge point", e))?;
-    batch.put(Cf::RaftMeta, keys::group_meta_key(group, "purged"), purged);
-    batch.delete_range(Cf::RaftLog, start, keys::log_key(group, last.index));
     // Not synced: a purge lost in a crash only leaves the longer log.
-    engine.write(batch, false)?;
+    engine.write(purge_batch(group, &upto).map_err(|e| corrupt("purge point", e))?, false)?;
     Ok(Some(upto))
 }
 
@@ -166,11 +179,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let last_purged: Option<LogId> = self.meta("purged")?;
-        let last = self.engine.last(Cf::RaftLog, &self.first_key(), &self.end_key()).map_err(read_err)?;
-        let last_log_id = match last {
-            Some((_, v)) => Some(serde_json::from_slice::<Entry>(&v).map_err(read_err)?.log_id),
-            None => last_purged,
-        };
+        let last_log_id = last_stored_log_id(&self.engine, self.group).map_err(read_err)?.or(last_purged);
         Ok(LogState { last_purged_log_id: last_purged, last_log_id })
     }
 
@@ -239,11 +248,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             tracing::warn!(group = self.group, upto = log_id.index, "log purge skipped: state machine behind");
             return Ok(());
         }
-        let (k, v) = self.meta_value("purged", &log_id)?;
-        let mut b = WriteBatch::new();
-        b.put(Cf::RaftMeta, k, v);
-        b.delete_range(Cf::RaftLog, self.first_key(), keys::log_key(self.group, log_id.index.saturating_add(1)));
-        self.writer.write_synced(b).await.map_err(write_err)
+        let batch = purge_batch(self.group, &log_id).map_err(write_err)?;
+        self.writer.write_synced(batch).await.map_err(write_err)
     }
 }
 

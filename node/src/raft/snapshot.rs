@@ -90,6 +90,9 @@ fn take_header(bytes: &mut &[u8]) -> Option<Option<GroupState>> {
 }
 
 impl SnapshotImage {
+    /// The encoding, as a test oracle: nodes encode a `SnapshotView` (the same format, read
+    /// from the engine a page at a time).
+    #[cfg(test)]
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::new();
         put_header(&mut out, &self.state);
