@@ -128,10 +128,12 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
         Arc::new(RocksEngine::open(&config.data_dir.join("db")).map_err(|e| StartError::Storage(e.to_string()))?);
     let writer = GroupCommit::spawn_thread(engine.clone()).map_err(|e| StartError::Storage(e.to_string()))?;
     let transport = Arc::new(GrpcTransport::new());
-    let has_state = crate::raft::state_machine::has_raft_state(&engine, keys::META_GROUP)
+    // Read before any raft traffic can reach the node (its leaders may write to it as soon
+    // as it serves).
+    let fresh = !crate::raft::state_machine::has_raft_state(&engine, keys::META_GROUP)
         .map_err(|e| StartError::Storage(e.to_string()))?;
     let (host, api) = build_core(&config, engine.clone(), writer, transport).await?;
-    if config.join.is_some() && !has_state {
+    if config.join.is_some() && fresh {
         host.hold_votes();
     }
 
@@ -147,7 +149,7 @@ pub async fn start(config: NodeConfig) -> Result<RunningNode, StartError> {
     tasks.push(tokio::spawn(serve_http(http_listener, api.clone(), stop_rx.clone())));
     bootstrap(&config, &host).await?;
     if let Some(member) = &config.join {
-        join(&config, member, &host).await?;
+        join(&config, member, fresh).await?;
         host.release_votes();
     }
     api.mark_started();
@@ -285,11 +287,9 @@ async fn serve_http(listener: tokio::net::TcpListener, api: Arc<NodeApi>, stop: 
 /// restarts re-confirms, one interrupted halfway finishes). Retries while the cluster is
 /// unavailable; a refusal (id taken, removed or wiped, bad address, other cluster) fails the
 /// start.
-pub async fn join(config: &NodeConfig, member: &str, host: &Arc<RaftHost>) -> Result<(), StartError> {
+pub async fn join(config: &NodeConfig, member: &str, fresh: bool) -> Result<(), StartError> {
     // Always asked (the change is idempotent): a node restarted halfway through its join
-    // finishes it. A node without raft state says so (`fresh`).
-    let meta = host.group(keys::META_GROUP).ok_or_else(|| StartError::Raft("meta group not started".into()))?;
-    let fresh = !meta.raft.is_initialized().await.map_err(|e| StartError::Raft(e.to_string()))?;
+    // finishes it. A node that started without raft state says so (`fresh`).
     let members: Vec<String> = member.split(',').map(str::trim).filter(|m| !m.is_empty()).map(String::from).collect();
     let client = floe_client::Client::builder()
         .endpoints(members)
